@@ -1,0 +1,299 @@
+"""Typed training config: dataclass schema, YAML layering and dotted `key=value` overrides.
+
+Sources are layered, later wins:
+    configs/base.yaml <- configs/models/<model.name>.yaml <- job file <- key=value overrides.
+A key set by two sources to different values is allowed (that is what layering is for); every
+such key is recorded in `LoadedConfig.overridden` so the run can report it, and the fully resolved
+config is written next to every run (`save_resolved`).
+
+Unknown keys and values of the wrong type raise `ConfigError`, naming the source, the dotted key,
+the value and the closest valid key (difflib). Free-form sections (`model.config`, `loss.target`)
+are dicts checked by their consumers (ModelConfig, `targets.spec_from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the source, key and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    name: str = "smollm2"  # selects configs/models/<name>.yaml (layered under the job file)
+    source: str = "smollm2"  # load_model argument ("smollm2" | HF folder | .gguf) or "init"
+    config: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields (source=init)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params cast to it in the step
+    remat: bool = False  # rematerialise each decoder block (ModelConfig.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    path: str = "data/synth"  # dataset folder written by `python -m qtarget_jax.data synth`
+    train_split: str = "train"
+    eval_split: str = "test"
+    seq_len: int = 256  # T
+    batch_size: int = 8  # global B (all processes); split over data*fsdp devices
+    microbatches: int = 1  # gradient accumulation: B is split into this many microbatches
+    seed: int = 0  # shuffle seed
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    target: dict = dataclasses.field(default_factory=lambda: {"preset": "sft"})  # TargetSpec
+    normalization: Literal["token", "sequence", "constant"] = "token"
+    fused: bool = False  # fused loss from hidden states (not implemented yet: must stay false)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled; never applied to norms and biases
+    clip_norm: Optional[float] = 1.0  # global-norm gradient clipping; null disables
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSection:
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr
+    end_lr_ratio: float = 0.1  # final lr = end_lr_ratio * optim.lr (cosine, linear)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    dir: Optional[str] = None  # local path or gs://...; null: <run.dir>/checkpoints
+    every_steps: int = 100  # save interval (also saved at the end, on SIGTERM and on Ctrl-C)
+    keep: int = 3  # keep the last K checkpoints
+    best_metric: Optional[str] = None  # e.g. "eval/loss": also keep the best by this metric
+    best_mode: Literal["min", "max"] = "min"
+    async_save: bool = True
+    resume: bool = True  # resume from the latest complete checkpoint in dir, if any
+    export_hf: bool = False  # export the final model to <run.dir>/hf
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 0  # 0 disables periodic eval (held-out loss)
+    batches: int = 4  # eval batches per evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    every_steps: int = 1  # metrics to JSONL / TensorBoard every N steps
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar with ETA
+    plot: bool = True  # curves.png at the end
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: MFU not reported
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/default"  # config.yaml, metrics.jsonl, tb/, checkpoints/, curves.png
+    steps: int = 100  # total optimizer steps
+    seed: int = 0
+    processes: int = 1  # >1: jax.distributed.initialize (also when the cluster is detected)
+    coordinator: Optional[str] = None  # "host:port" of process 0 when processes > 1
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+
+    def __post_init__(self):
+        d = self.data
+        if d.batch_size < 1 or d.microbatches < 1 or d.batch_size % d.microbatches:
+            raise ConfigError(
+                f"data.batch_size ({d.batch_size}) must be a positive multiple of "
+                f"data.microbatches ({d.microbatches})")
+        if self.loss.fused:
+            raise ConfigError("loss.fused=true: the fused hidden-state loss is not available yet")
+        if self.run.steps < 1:
+            raise ConfigError(f"run.steps must be >= 1, got {self.run.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedConfig:
+    config: TrainConfig
+    sources: tuple[str, ...]  # files and "cli" in layering order
+    overridden: tuple[str, ...]  # "key: old (src) -> new (src)" for keys set twice differently
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {sorted(options)}"
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Returns `value` converted to `tp` (int -> float only) or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(value, args[0], where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}={value!r}: must be one of {list(choices)}{hint}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and value is None:
+        return {}
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _merge(base: dict, update: dict, cls, src: str, prov: dict, overridden: list, prefix=""):
+    """Merges `update` (from `src`) into `base` in place, checking keys against `cls`."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{src}: '{prefix or '<root>'}' must be a mapping, got {update!r}")
+    fields = _fields(cls)
+    types = _field_types(cls)
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{src}: unknown key '{dotted}'" + _suggest(
+                dotted, [f"{prefix}{k}" for k in fields]))
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(base.setdefault(key, {}), value, tp, src, prov, overridden, dotted + ".")
+            continue
+        if tp is dict and isinstance(value, dict):
+            for sub, subval in value.items():  # free-form dicts merge key by key
+                _set_leaf(base.setdefault(key, {}), sub, subval, f"{dotted}.{sub}", src, prov,
+                          overridden)
+            continue
+        _set_leaf(base, key, _check_value(value, tp, f"{src}: {dotted}"), dotted, src, prov,
+                  overridden)
+
+
+def _set_leaf(target: dict, key: str, value, dotted: str, src: str, prov: dict, overridden: list):
+    if key in target and target[key] != value and dotted in prov:
+        overridden.append(f"{dotted}: {target[key]!r} ({prov[dotted]}) -> {value!r} ({src})")
+    target[key] = value
+    prov[dotted] = src
+
+
+def _build(cls, data: dict):
+    kwargs = {}
+    for name, tp in _field_types(cls).items():
+        if name in data:
+            kwargs[name] = _build(tp, data[name]) if dataclasses.is_dataclass(tp) else data[name]
+    return cls(**kwargs)
+
+
+def parse_override(arg: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, value parsed as YAML (1e-4, true, null...)."""
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r}: expected key=value (e.g. optim.lr=3e-4)")
+    key, raw = arg.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(job: Optional[str | pathlib.Path] = None, overrides: tuple[str, ...] = (),
+                config_dir: pathlib.Path = CONFIG_DIR) -> LoadedConfig:
+    """Layers base.yaml <- models/<name>.yaml <- job <- overrides into a checked TrainConfig."""
+    layers: list[tuple[str, dict]] = [(str(config_dir / "base.yaml"),
+                                       _read_yaml(config_dir / "base.yaml"))]
+    job_layers = []
+    if job is not None:
+        job_layers.append((str(job), _read_yaml(pathlib.Path(job))))
+    job_layers += [(f"cli '{o}'", parse_override(o)) for o in overrides]
+    name = layers[0][1].get("model", {}).get("name", ModelSection.name)
+    for _, d in job_layers:
+        name = (d.get("model") or {}).get("name", name)
+    model_file = config_dir / "models" / f"{name}.yaml"
+    if not model_file.is_file():
+        known = [p.stem for p in (config_dir / "models").glob("*.yaml")]
+        raise ConfigError(f"model.name={name!r}: no {model_file}" + _suggest(name, known))
+    layers.append((str(model_file), _read_yaml(model_file)))
+    layers += job_layers
+    merged: dict = {}
+    prov: dict = {}
+    overridden: list = []
+    for src, data in layers:
+        _merge(merged, data, TrainConfig, src, prov, overridden)
+    try:
+        cfg = _build(TrainConfig, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{' <- '.join(s for s, _ in layers)}: {e}") from None
+    return LoadedConfig(cfg, tuple(s for s, _ in layers), tuple(overridden))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(loaded: LoadedConfig, path: str | pathlib.Path) -> None:
+    """Writes the resolved config (loadable as a job file) with its sources in a header."""
+    header = "# Resolved config. Sources (later wins):\n" + "".join(
+        f"#   {s}\n" for s in loaded.sources) + "".join(
+        f"# overridden: {o}\n" for o in loaded.overridden)
+    text = header + yaml.safe_dump(to_dict(loaded.config), sort_keys=False)
+    pathlib.Path(path).write_text(text)
