@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# launch.sh: runs ON each TPU worker (run.sh starts it with --worker=all, all workers at once).
+# Refuses when a run started by it is still alive, frees the TPU (free_tpu.sh), then starts
+# train_wrapper.sh detached (setsid nohup) so the ssh session can end. jax.distributed finds
+# the other workers from the TPU environment. Output: $HOME/qtarget-logs/train.log (appended).
+#
+# Usage: bash REMOTE_DIR/tpu_scripts/remote/launch.sh CONFIG [key=value ...]
+# Example Usage: bash qtarget-jax/tpu_scripts/remote/launch.sh configs/x.yaml run.steps=10
+
+set -euo pipefail
+(($# >= 1)) || {
+  echo "usage: $0 CONFIG [key=value ...]" >&2
+  exit 2
+}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+code_dir=$(cd "$here/../.." && pwd)
+log_dir=${QT_LOG_DIR:-$HOME/qtarget-logs}
+mkdir -p "$log_dir"
+[[ -x $code_dir/.venv/bin/python ]] || {
+  echo "ERROR [launch]: $(hostname): no $code_dir/.venv: run tpu_scripts/setup.sh first" >&2
+  exit 2
+}
+[[ -f $code_dir/$1 ]] || {
+  echo "ERROR [launch]: $(hostname): config '$1' not found in $code_dir (sync.sh it first?)" >&2
+  exit 2
+}
+if [[ -f $log_dir/train.pid ]]; then
+  pid=$(cat "$log_dir/train.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "ERROR [launch]: $(hostname): a run is still going (pid $pid): stop.sh first" >&2
+    exit 3
+  fi
+fi
+bash "$here/free_tpu.sh"
+rm -f "$log_dir/exit_code"
+setsid nohup bash "$here/train_wrapper.sh" "$@" >>"$log_dir/train.log" 2>&1 </dev/null &
+echo "$!" >"$log_dir/train.pid"
+echo "[launch] $(hostname): started pid $! ; log $log_dir/train.log"
