@@ -13,7 +13,9 @@
 # Log lines go to stderr as "[script] message"; errors as "ERROR [script]: message" and exit 1.
 #
 # Environment knobs (for tests and impatient people): QT_RETRY_SLEEP_S (first retry delay,
-# doubled each attempt, default 10), QT_POLL_S (state polling interval, default 30).
+# doubled each attempt, default 10), QT_POLL_S (state polling interval, default 30),
+# QT_STAGE_DIR (local folder for the code tarball and fetched logs, default
+# runs/tpu/TPU_NAME in the repo).
 
 QT_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck disable=SC2034  # used by the scripts that source this file
@@ -134,6 +136,7 @@ qt_load_settings() {
     [[ -n ${seen[$key]:-} ]] || printf -v "$key" '%s' "${QT_DEFAULTS[$key]}"
   done
   [[ -n $RUN_NAME ]] || RUN_NAME=$TPU_NAME
+  QT_STAGE_DIR=${QT_STAGE_DIR:-$QT_REPO_ROOT/runs/tpu/$TPU_NAME}
   qt_check_settings "$file"
 }
 

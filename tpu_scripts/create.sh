@@ -11,7 +11,7 @@
 # PREEMPTED/SUSPENDED one is an error pointing to relaunch.sh.
 
 set -euo pipefail
-# shellcheck source=tpu_scripts/common.sh
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 qt_init "$@"
 
