@@ -1,0 +1,190 @@
+"""Decoder: the Flax NNX decoder-only transformer for every ModelConfig family.
+
+    model = Decoder(ModelConfig.smollm2_135m(), rngs=nnx.Rngs(0))
+    logits_BTV = model(tokens_BT, positions_BT, segment_ids_BT)
+
+Parameter tree (logical axes in brackets; with scan_layers every `layers.*` param gains a
+leading [layers] axis of size L, otherwise `layers` is an nnx.List and paths read layers.<i>.*):
+    embedder.embedding [vocab, embed]
+    layers.attn_norm.scale [embed]        layers.mlp_norm.scale [embed]
+    layers.attn.q_proj [embed, heads, head_dim]     layers.attn.o_proj [heads, head_dim, embed]
+    layers.attn.k_proj / v_proj [embed, kv_heads, head_dim]
+    layers.attn.q_bias [heads, head_dim], k_bias / v_bias [kv_heads, head_dim]  (attention_bias)
+    layers.attn.q_norm.scale / k_norm.scale [head_dim]                          (qk_norm)
+    layers.mlp.gate_proj / up_proj [embed, mlp]     layers.mlp.down_proj [mlp, embed]
+    final_norm.scale [embed]
+    lm_head [embed, vocab]                                            (untied embeddings only)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qtarget_jax.models.cache import KVCache, check_fits, init_cache
+from qtarget_jax.models.config import ModelConfig
+from qtarget_jax.models.layers import Block, RMSNorm, attention_mask, make_param, \
+    rope_inv_freq, rope_sin_cos
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Embedder(nnx.Module):
+    """Token embedding table [V, D]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, (vocab_size, hidden_size), ("vocab", "embed"),
+                                    param_dtype)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """tokens [B, T] int -> [B, T, D] in the parameter dtype."""
+        return jnp.take(self.embedding[...], tokens_BT, axis=0)
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose params carry a leading [layers] axis of size L (for nnx.scan)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return create(rngs)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 by config)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embedder = Embedder(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, rngs=rngs)
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, "embed", cfg.rms_norm_eps, param_dtype=pdt,
+                                  rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size),
+                                      ("embed", "vocab"), pdt)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The output projection [D, V] (tied: the embedding transposed), parameter dtype."""
+        if self.cfg.tie_word_embeddings:
+            return self.embedder.embedding[...].T
+        return self.lm_head[...]
+
+    def init_cache(self, batch: int, max_len: int,
+                   dtype: jnp.dtype | str = jnp.float32) -> KVCache:
+        """An empty KV cache for `batch` rows and `max_len` slots (see models/cache.py)."""
+        return init_cache(self.cfg, batch, max_len, dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, *, return_hidden: bool = False,
+                 cache: KVCache | None = None):
+        """Forward pass.
+
+        Args:
+          tokens: [B, T] int32 token ids.
+          positions: [B, T] int32 RoPE positions (restart at 0 per packed segment). Default
+            arange(T) per row; required when `cache` is given (left-padded rows differ).
+          segment_ids: [B, T] int32; 1, 2, ... per packed example, 0 = padding. Attention is
+            causal AND same segment AND never to padding keys (AND within sliding_window).
+            Default all ones. Padding rows produce finite garbage, never NaN.
+          return_hidden: return the final-normed hidden states [B, T, D] (compute dtype)
+            instead of logits.
+          cache: a KVCache; this call's tokens fill slots [cache.index, cache.index + T).
+
+        Returns:
+          logits [B, T, V] float32 (matmul in compute dtype, accumulated and returned in
+          float32) or hidden [B, T, D]; with `cache`, the tuple (that, new_cache).
+        """
+        cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"Decoder: tokens must be [B, T], got shape {tokens.shape}")
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("Decoder: positions are required with a cache "
+                                 "(each left-padded row has its own)")
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr.shape != tokens.shape:
+                raise ValueError(f"Decoder: {name} shape {arr.shape} != tokens shape "
+                                 f"{tokens.shape}")
+        sin, cos = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                          cfg.rope_scaling))
+        q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            mask = attention_mask(q_index, segment_ids, q_index, segment_ids, cfg.sliding_window)
+            kv = None
+        else:
+            if cache.k.shape[:2] != (cfg.num_layers, b):
+                raise ValueError(f"Decoder: cache k shape {cache.k.shape} does not match "
+                                 f"num_layers {cfg.num_layers} and batch {b}")
+            check_fits(cache, t)
+            cache_segments = jax.lax.dynamic_update_slice(
+                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+            k_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                                       (b, cache.max_len))
+            mask = attention_mask(q_index + cache.index, segment_ids, k_index, cache_segments,
+                                  cfg.sliding_window)
+            kv = (cache.k, cache.v)
+        x = self.embedder(tokens).astype(cfg.dtype)
+        index = None if cache is None else cache.index
+        if cfg.scan_layers:
+            x, new_kv = self._scan_layers(x, sin, cos, mask, kv, index)
+        else:
+            x, new_kv = self._loop_layers(x, sin, cos, mask, kv, index)
+        h = self.final_norm(x)
+        if return_hidden:
+            out = h
+        else:
+            out = jnp.einsum("btd,dv->btv", h, self.lm_head_kernel().astype(cfg.dtype),
+                             preferred_element_type=jnp.float32)
+        if cache is None:
+            return out
+        return out, KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_segments,
+                            index=cache.index + t)
+
+    def _block_fn(self):
+        """Block application, rematerialised per layer when cfg.remat_policy != "none"."""
+        def apply(block, x, sin, cos, mask, kv):
+            return block(x, sin, cos, mask, kv)
+
+        if self.cfg.remat_policy == "none":
+            return apply
+        return nnx.remat(apply, policy=_REMAT_POLICIES[self.cfg.remat_policy])
+
+    def _loop_layers(self, x, sin, cos, mask, kv, index):
+        apply = self._block_fn()
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i], index)
+            x, out_kv = apply(block, x, sin, cos, mask, layer_kv)
+            if out_kv is not None:
+                new_k.append(out_kv[0])
+                new_v.append(out_kv[1])
+        if kv is None:
+            return x, None
+        return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+    def _scan_layers(self, x, sin, cos, mask, kv, index):
+        apply = self._block_fn()
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def body(x, block, layer_kv):
+            full_kv = None if layer_kv is None else (*layer_kv, index)
+            return apply(block, x, sin, cos, mask, full_kv)
+
+        return body(x, self.layers, kv)

@@ -1,0 +1,220 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, Block.
+
+Layers take explicit sizes (not the whole config) except `Block`, which wires them. Every
+parameter is an `nnx.Param` whose `out_sharding` metadata holds its logical axis names
+(see models/sharding.py); they are created with `eager_sharding=False`, so building a model
+never needs a mesh: shardings are applied where the mesh is known (load_params, train state).
+Shapes: see the legend in models/config.py.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qtarget_jax.models.config import ModelConfig, RopeScaling
+
+_INIT_STD = 0.02
+
+
+def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...],
+               dtype: jnp.dtype, init: str = "normal") -> nnx.Param:
+    """An nnx.Param of `shape` with logical `axes`; init is "normal" (std 0.02), "ones", "zeros"."""
+    if len(shape) != len(axes):
+        raise ValueError(f"make_param: shape {shape} and axes {axes} differ in rank")
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(f"make_param: unknown init {init!r} (normal, ones, zeros)")
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF Llama RMSNorm: normalise in float32, cast back to x.dtype, then multiply by scale.
+
+    x: [..., N] any float dtype; scale: [N]. Returns [..., N] in x.dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Learned-scale RMSNorm over the last axis (size `dim`, logical axis `axis`)."""
+
+    def __init__(self, dim: int, axis: str, eps: float, *, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.scale = make_param(rngs, (dim,), (axis,), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """RoPE inverse frequencies [Dh/2] float32, with llama3 scaling when given (as HF computes)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (theta ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    orig = scaling.original_max_position_embeddings
+    low_wavelen = orig / scaling.low_freq_factor
+    high_wavelen = orig / scaling.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> (sin, cos), each [B, T, Dh/2] float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout). x [B, T, N, Dh]; sin, cos [B, T, Dh/2] -> [B, T, N, Dh]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    sin = sin[:, :, None, :].astype(x.dtype)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(q_index: jax.Array, q_segment: jax.Array, k_index: jax.Array,
+                   k_segment: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, T, S]: causal AND same segment AND key not padding AND in window.
+
+    q_index [B, T], k_index [B, S]: slot index of each query / key (causality and the sliding
+    window use slot distance, equal to position distance inside one contiguous segment).
+    q_segment [B, T], k_segment [B, S] int: 0 = padding (such keys are never attended).
+    """
+    qi, ki = q_index[:, :, None], k_index[:, None, :]
+    mask = (ki <= qi) & (q_segment[:, :, None] == k_segment[:, None, :])
+    mask &= k_segment[:, None, :] != 0
+    if sliding_window is not None:
+        mask &= qi - ki < sliding_window
+    return mask
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 use_bias: bool, qk_norm: bool, norm_eps: float, param_dtype: jnp.dtype,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_heads ({num_heads}) must be divisible by "
+                             f"num_kv_heads ({num_kv_heads})")
+        d, h, k, dh = hidden_size, num_heads, num_kv_heads, head_dim
+        self.q_proj = make_param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = make_param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"),
+                                 param_dtype)
+        self.v_proj = make_param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"),
+                                 param_dtype)
+        self.o_proj = make_param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), param_dtype)
+        self.use_bias, self.qk_norm = use_bias, qk_norm
+        if use_bias:
+            self.q_bias = make_param(rngs, (h, dh), ("heads", "head_dim"), param_dtype, "zeros")
+            self.k_bias = make_param(rngs, (k, dh), ("kv_heads", "head_dim"), param_dtype,
+                                     "zeros")
+            self.v_bias = make_param(rngs, (k, dh), ("kv_heads", "head_dim"), param_dtype,
+                                     "zeros")
+        if qk_norm:
+            self.q_norm = RMSNorm(dh, "head_dim", norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(dh, "head_dim", norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.num_kv_heads, self.head_dim, self.dtype = k, dh, dtype
+
+    def _project(self, x_BTD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+        out = jnp.einsum("btd,dnk->btnk", x_BTD, kernel[...].astype(self.dtype))
+        if bias is not None:
+            out = out + bias[...].astype(self.dtype)[None, None]
+        return out
+
+    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTS: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D] (compute dtype); sin, cos [B, T, Dh/2]; mask [B, T, S] bool.
+
+        kv: None (S == T, keys are this call's tokens) or (k_cache [B, S, K, Dh],
+        v_cache [B, S, K, Dh], index i32[]): this call's keys/values are written at slots
+        [index, index + T) and attention runs over all S slots.
+        Returns (y [B, T, D], updated (k_cache, v_cache) or None).
+        """
+        q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
+        k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
+        v = self._project(x_BTD, self.v_proj, self.v_bias if self.use_bias else None)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            new_kv = (k, v)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        b, t, h, dh = q.shape
+        q_BTKGH = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, dh)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k,
+                            preferred_element_type=jnp.float32) * (dh ** -0.5)
+        # A finite minimum (not -inf): a query with no visible key (padding) gets a uniform
+        # softmax instead of NaN.
+        logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, dh)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
+        return y, new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, param_dtype: jnp.dtype,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, f = hidden_size, intermediate_size
+        self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        gate = x_BTD @ self.gate_proj[...].astype(self.dtype)
+        up = x_BTD @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, "embed", cfg.rms_norm_eps, param_dtype=pdt,
+                                 rngs=rngs)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              use_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
+                              norm_eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, "embed", cfg.rms_norm_eps, param_dtype=pdt,
+                                rngs=rngs)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, dtype=dt,
+                       rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTS: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Same arguments and results as Attention.__call__."""
+        y, new_kv = self.attn(self.attn_norm(x_BTD), sin, cos, mask_BTS, kv)
+        x_BTD = x_BTD + y
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), new_kv
