@@ -113,9 +113,10 @@ qt_load_settings() {
   declare -A seen=()
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
-    line=$(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]\{1,\}#.*$//' -e 's/[[:space:]]*$//' \
-      <<<"$line")
+    line=${line#"${line%%[![:space:]]*}"}     # leading blanks
     [[ -z $line || $line == \#* ]] && continue
+    line=${line%%[[:space:]]#*}                # trailing " # comment"
+    line=${line%"${line##*[![:space:]]}"}      # trailing blanks
     [[ $line =~ $kv ]] || qt_die "$file:$n: expected KEY=VALUE, got: $line"
     key=${BASH_REMATCH[1]}
     value=${BASH_REMATCH[2]}
