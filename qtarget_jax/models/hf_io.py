@@ -174,6 +174,18 @@ def open_hf_weights(folder: str, *, allow_pickle: bool = False) -> SafetensorsSo
     return SafetensorsSource(folder)
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _save(arrays: Mapping[str, np.ndarray], path: str) -> None:
+    # transformers expects the "format" tag; safetensors creates files 0600, so apply the umask.
+    save_file(dict(arrays), path, metadata={"format": "pt"})
+    os.chmod(path, _default_file_mode())
+
+
 def _shard_groups(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
@@ -200,14 +212,13 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, *,
     os.makedirs(folder, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     groups = _shard_groups(arrays, max_shard_bytes)
-    meta = {"format": "pt"}  # transformers expects this tag on safetensors it loads.
     if len(groups) == 1:
-        save_file(arrays, os.path.join(folder, SAFETENSORS_FILE), metadata=meta)
+        _save(arrays, os.path.join(folder, SAFETENSORS_FILE))
         return [SAFETENSORS_FILE]
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map = {}
     for file, group in zip(names, groups):
-        save_file({k: arrays[k] for k in group}, os.path.join(folder, file), metadata=meta)
+        _save({k: arrays[k] for k in group}, os.path.join(folder, file))
         weight_map.update({k: file for k in group})
     index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
              "weight_map": dict(sorted(weight_map.items()))}
