@@ -43,7 +43,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
+    scale = scale.astype(x.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
+    return scale * normed.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
