@@ -32,7 +32,15 @@ if [[ -f $log_dir/train.pid ]]; then
   fi
 fi
 bash "$here/free_tpu.sh"
-rm -f "$log_dir/exit_code"
+rm -f "$log_dir/exit_code" "$log_dir/train.pid"
 setsid nohup bash "$here/train_wrapper.sh" "$@" >>"$log_dir/train.log" 2>&1 </dev/null &
-echo "$!" >"$log_dir/train.pid"
-echo "[launch] $(hostname): started pid $! ; log $log_dir/train.log"
+# The wrapper writes its own pid (setsid may fork): wait for it so status/stop can find it.
+for ((i = 0; i < 100; i++)); do
+  [[ -s $log_dir/train.pid ]] && break
+  sleep 0.1
+done
+[[ -s $log_dir/train.pid ]] || {
+  echo "ERROR [launch]: $(hostname): the run did not start; see $log_dir/train.log" >&2
+  exit 1
+}
+echo "[launch] $(hostname): started pid $(cat "$log_dir/train.pid"); log $log_dir/train.log"

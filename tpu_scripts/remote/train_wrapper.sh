@@ -7,7 +7,7 @@
 # Usage: bash train_wrapper.sh CONFIG [key=value ...]
 # Example Usage: bash qtarget-jax/tpu_scripts/remote/train_wrapper.sh configs/x.yaml
 
-set -uo pipefail
+set -euo pipefail
 code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 log_dir=${QT_LOG_DIR:-$HOME/qtarget-logs}
 echo "$$" >"$log_dir/train.pid"
@@ -18,10 +18,9 @@ cd "$code_dir" || exit 2
 PYTHONUNBUFFERED=1 .venv/bin/python train.py --config "$@" &
 child=$!
 # `wait` returns early when a trapped signal arrives: keep waiting for train.py to exit.
-rc=0
 while true; do
-  wait "$child"
-  rc=$?
+  rc=0
+  wait "$child" || rc=$?
   kill -0 "$child" 2>/dev/null || break
 done
 if ((stopped)); then

@@ -1,0 +1,114 @@
+"""The worker-side scripts (tpu_scripts/remote/) run for real on this machine, in a fake code
+folder whose `.venv/bin/python` stands in for train.py: launch detaches, status reports,
+a second launch is refused, stop sends SIGTERM (the run checkpoints) and records "stopped"."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+
+import pytest
+from tpu_helpers import SCRIPTS
+
+# Stand-in for `.venv/bin/python train.py --config ...`; FAKE_TRAIN picks the behaviour.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "fake python: $*"
+case ${FAKE_TRAIN:-sleep} in
+  sleep)
+    trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+    while true; do sleep 0.05; done ;;
+  exit*) exit "${FAKE_TRAIN#exit }" ;;
+esac
+"""
+
+
+@pytest.fixture
+def worker(tmp_path: pathlib.Path):
+    """A code folder like REMOTE_DIR after sync.sh + setup.sh; returns a runner for its
+    remote scripts and the log folder."""
+    code = tmp_path / "qtarget-jax"
+    shutil.copytree(SCRIPTS / "remote", code / "tpu_scripts" / "remote")
+    (code / ".venv" / "bin").mkdir(parents=True)
+    python = code / ".venv" / "bin" / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    (code / "train.py").write_text("")
+    (code / "configs").mkdir()
+    (code / "configs" / "job.yaml").write_text("run: {steps: 3}\n")
+    logs = tmp_path / "qtarget-logs"
+
+    def run(script: str, *args: str, fake_train: str = "sleep") -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "QT_LOG_DIR": str(logs),
+               "FAKE_TRAIN": fake_train}
+        return subprocess.run(["bash", str(code / "tpu_scripts" / "remote" / script), *args],
+                              env=env, capture_output=True, text=True, timeout=60)
+    run.logs = logs
+    run.code = code
+    yield run
+    run("stop_train.sh", "5")  # never leave a stand-in running
+
+
+def _wait_for(path: pathlib.Path, timeout_s: float = 20) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {timeout_s}s")
+
+
+@pytest.mark.parametrize("fake_train,status", [("exit 0", "finished 0"), ("exit 3", "failed 3")])
+def test_launch_records_how_the_run_ended(fake_train, status, worker):
+    proc = worker("launch.sh", "configs/job.yaml", "run.steps=3", fake_train=fake_train)
+    assert proc.returncode == 0, proc.stderr
+    assert "started pid" in proc.stdout
+    _wait_for(worker.logs / "exit_code")
+    assert worker("train_status.sh").stdout.strip() == status
+    log = (worker.logs / "train.log").read_text()
+    assert "fake python: train.py --config configs/job.yaml run.steps=3" in log
+
+
+def test_launch_status_refuse_stop(worker):
+    proc = worker("launch.sh", "configs/job.yaml")
+    assert proc.returncode == 0, proc.stderr
+    pid = _wait_for(worker.logs / "train.pid")
+    assert worker("train_status.sh").stdout.strip() == f"running {pid}"
+
+    again = worker("launch.sh", "configs/job.yaml")
+    assert again.returncode == 3
+    assert f"a run is still going (pid {pid}): stop.sh first" in again.stderr
+
+    stop = worker("stop_train.sh", "10")
+    assert stop.returncode == 0, stop.stderr
+    assert "SIGTERM to process group" in stop.stdout
+    assert _wait_for(worker.logs / "exit_code") == "stopped"
+    assert worker("train_status.sh").stdout.strip() == "stopped"
+    assert "SIGTERM: checkpoint saved" in (worker.logs / "train.log").read_text()
+    assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0
+
+
+def test_status_and_stop_when_nothing_ran(worker):
+    assert worker("train_status.sh").stdout.strip() == "none"
+    proc = worker("stop_train.sh", "1")
+    assert proc.returncode == 0 and "no run going" in proc.stdout
+
+
+def test_launch_without_setup_or_config_fails_clearly(worker):
+    proc = worker("launch.sh", "configs/missing.yaml")
+    assert proc.returncode == 2
+    assert "config 'configs/missing.yaml' not found" in proc.stderr
+    shutil.rmtree(worker.code / ".venv")
+    proc = worker("launch.sh", "configs/job.yaml")
+    assert proc.returncode == 2
+    assert "run tpu_scripts/setup.sh first" in proc.stderr
+
+
+def test_setup_worker_needs_synced_code(tmp_path):
+    remote = tmp_path / "x" / "tpu_scripts" / "remote"
+    shutil.copytree(SCRIPTS / "remote", remote)
+    proc = subprocess.run(["bash", str(remote / "setup_worker.sh"), "3.11", "0.10.2"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "no pyproject.toml" in proc.stderr and "run tpu_scripts/sync.sh first" in proc.stderr
