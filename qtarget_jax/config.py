@@ -31,20 +31,27 @@ class ConfigError(ValueError):
 class ModelSection:
     name: str = "smollm2"  # selects configs/models/<name>.yaml (layered under the job file)
     source: str = "smollm2"  # load_model argument ("smollm2" | HF folder | .gguf) or "init"
-    config: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields (source=init)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params cast to it in the step
-    remat: bool = False  # rematerialise each decoder block (ModelConfig.remat)
+    config: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields / overrides
+    tokenizer: Optional[str] = None  # folder or .gguf; null: the source's (init: SmolLM2's)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations + params in step
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                   "nothing_saveable"] = "none"  # per-layer rematerialisation policy
+    teacher: Optional[str] = None  # teacher source when the target needs one; null: the
+    #                                frozen initial student (same weights, not trained)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    path: str = "data/synth"  # dataset folder written by `python -m qtarget_jax.data synth`
+    path: str = "data/tfds/jsonl_sft/synth/1.0.0"  # folder from `python -m qtarget_jax.data
+    #                                              prepare` (or a tfds catalog name)
     train_split: str = "train"
     eval_split: str = "test"
     seq_len: int = 256  # T
     batch_size: int = 8  # global B (all processes); split over data*fsdp devices
     microbatches: int = 1  # gradient accumulation: B is split into this many microbatches
     seed: int = 0  # shuffle seed
+    pack: bool = True  # pack several examples per row
+    truncate: bool = False  # cut too-long responses instead of failing on them
 
 
 @dataclasses.dataclass(frozen=True)

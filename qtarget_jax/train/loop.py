@@ -1,0 +1,241 @@
+"""`run(loaded_config)`: the training loop around the pure step.
+
+Per step: next batch (this process's rows) -> global arrays -> jitted step (dispatch is async) ->
+metrics of the PREVIOUS step fetched, checked for NaN/inf, logged. Checkpoints: every
+`checkpoint.every_steps`, at the end, and on SIGTERM/SIGINT; a step's metrics are checked before
+its state is saved, so a NaN never reaches a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qtarget_jax import checkpoint as ckpt_lib
+from qtarget_jax.config import LoadedConfig, TrainConfig, save_resolved
+from qtarget_jax.train import build, metrics as metrics_lib
+from qtarget_jax.train import mesh as mesh_lib
+from qtarget_jax.train.optim import make_optimizer
+from qtarget_jax.train.signals import StopRequest
+from qtarget_jax.train.state import init_state
+from qtarget_jax.train.step import DIAGNOSTICS, jit_train_step, logits_loss
+
+log = logging.getLogger("qtarget_jax.train")
+
+
+def make_eval_step(graphdef, loss_fn, compute_dtype, shardings, batch_sharding, rep):
+    """Jitted (state, batch) -> summed loss/diagnostics over the batch, no gradients."""
+    from flax import nnx
+
+    from qtarget_jax.train.step import _cast
+
+    def eval_sums(state, batch):
+        model = nnx.merge(graphdef, _cast(state.params, compute_dtype), state.rest)
+        teacher = (None if state.teacher is None else
+                   nnx.merge(graphdef, _cast(state.teacher, compute_dtype), state.rest))
+        loss_sum, denom, sums = loss_fn(model, batch, teacher)
+        return {"loss_sum": loss_sum, "denominator": denom, **sums}
+    return jax.jit(eval_sums, in_shardings=(shardings, batch_sharding), out_shardings=rep)
+
+
+def evaluate(eval_step, state, batches, mesh) -> dict[str, float]:
+    """Held-out loss and diagnostics, summed over `batches` then divided once."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in jax.device_get(eval_step(state, mesh_lib.global_batch(batch, mesh))).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if not totals:
+        return {}
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    out = {"eval/loss": totals["loss_sum"] / max(totals["denominator"], 1.0)}
+    out.update({f"eval/{k}": totals[k] / tokens for k in DIAGNOSTICS if k in totals})
+    return out
+
+
+def _check_finite(step: int, m: dict) -> None:
+    if not math.isfinite(m["loss"]):
+        raise FloatingPointError(
+            f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint stays the "
+            f"latest (grad_norm={m.get('grad_norm')}, lr={m.get('lr')})")
+
+
+def _all_process_states(local: dict) -> dict:
+    """Every process's data-iterator state (JSON), gathered so one checkpoint holds them all."""
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros((size,), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, size)
+    return {"processes": [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]}
+
+
+def _this_process_state(saved: dict) -> dict:
+    states = saved["processes"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"checkpoint has data states of {len(states)} processes, this run has "
+                         f"{jax.process_count()}: resume with the same process layout")
+    return states[jax.process_index()]
+
+
+def _num_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def run(loaded: LoadedConfig) -> dict[str, Any]:
+    """Trains per `loaded.config`; returns a summary (final step, last metrics, eval before/after).
+
+    Outputs under run.dir: config.yaml, metrics.jsonl, tb/, checkpoints/ (unless
+    checkpoint.dir), curves.png, hf/ (checkpoint.export_hf).
+    """
+    cfg: TrainConfig = loaded.config
+    build.init_distributed(cfg.run)
+    from qtarget_jax.models.sharding import LOGICAL_RULES
+    from qtarget_jax.targets import spec_from_dict
+
+    lead = jax.process_index() == 0
+    run_dir = pathlib.Path(cfg.run.dir)
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(loaded, run_dir / "config.yaml")
+        for line in loaded.overridden:
+            log.info("config override %s", line)
+    spec = spec_from_dict(dict(cfg.loss.target))
+    model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed)
+    teacher = build.build_teacher(cfg.model, model, cfg.run.seed) if spec.needs_teacher else None
+
+    mesh = mesh_lib.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
+                               "tensor": cfg.mesh.tensor})
+    tx, schedule = make_optimizer(cfg.optim, cfg.schedule, cfg.run.steps)
+    built = init_state(model, tx, mesh, dict(LOGICAL_RULES), cfg.run.seed, teacher=teacher)
+    del model, teacher
+    state = built.state
+    bsh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+    loss_fn = logits_loss(spec, cfg.loss.normalization)  # the fused variant plugs in here
+    dtype = jnp.dtype(cfg.model.compute_dtype)
+    step_fn = jit_train_step(built.shardings, bsh, rep, graphdef=built.graphdef,
+                             loss_fn=loss_fn, tx=tx, schedule=schedule,
+                             microbatches=cfg.data.microbatches, compute_dtype=dtype)
+    eval_step = make_eval_step(built.graphdef, loss_fn, dtype, built.shardings, bsh, rep)
+
+    # Fail at start-up, not after an hour: the checkpoint dir must be writable with room.
+    ckpt_dir = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    ckpt_lib.check_writable(ckpt_dir, need_bytes=2 * ckpt_lib.tree_bytes(
+        state.checkpoint_items()))
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep,
+                                 best_metric=cfg.checkpoint.best_metric,
+                                 best_mode=cfg.checkpoint.best_mode,
+                                 async_save=cfg.checkpoint.async_save)
+    train_it = build.train_iterator(cfg.data, tokenizer)
+    held_out = build.eval_batches(cfg.data, tokenizer, cfg.eval.batches)
+
+    # Decide how to initialise. The order matters: fresh weights from model.source first; then,
+    # if a complete checkpoint exists (and resume is on), its params, optimizer state, step, RNG
+    # and data position replace them. The data position is restored, never replayed.
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+        items, data_state = ckpt.restore(latest, ckpt_lib.abstract_like(
+            state.checkpoint_items(), built.shardings.checkpoint_items()))
+        state = state.replace_checkpoint_items(items)
+        train_it.set_state(_this_process_state(data_state))
+        log.info("resumed from %s step %d", ckpt_dir, latest)
+    start = int(jax.device_get(state.step))
+    summary: dict[str, Any] = {"start_step": start}
+    if start == 0 and held_out:
+        summary["eval_before"] = evaluate(eval_step, state, held_out, mesh)
+
+    writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
+                                       tensorboard=cfg.logging.tensorboard)
+    ftok = metrics_lib.flops_per_token(_num_params(state.params), model_cfg.num_layers,
+                                       cfg.data.seq_len, model_cfg.hidden_size)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    peak_total = cfg.logging.peak_flops * jax.device_count()
+    bar = None
+    if lead and cfg.logging.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.run.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    pending: Optional[tuple[int, Any, float]] = None  # (step number, metrics on device, t0)
+    last: dict[str, float] = {}
+    timer = [time.perf_counter()]
+
+    def flush() -> None:
+        """Fetches, checks and logs the pending step's metrics (blocks on that step)."""
+        nonlocal pending, last
+        if pending is None:
+            return
+        step_no, m_dev, _ = pending
+        pending = None
+        m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+        _check_finite(step_no, m)
+        now = time.perf_counter()
+        dt, timer[0] = now - timer[0], now
+        tps = tokens_per_step / max(dt, 1e-9)
+        m.update({"perf/step_s": dt, "perf/tokens_per_s": tps})
+        util = metrics_lib.mfu(tps, ftok, peak_total)
+        if util is not None:
+            m["perf/mfu"] = util
+        last = m
+        if step_no % cfg.logging.every_steps == 0 or step_no == cfg.run.steps:
+            writer.write(step_no, m)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
+
+    def save(step_no: int, eval_metrics: Optional[dict] = None) -> None:
+        flush()  # the state about to be saved must have a finite loss
+        ckpt.save(step_no, state.checkpoint_items(), _all_process_states(train_it.get_state()),
+                  metrics=eval_metrics or None)
+
+    step_no = start
+    with StopRequest() as stop:
+        try:
+            while step_no < cfg.run.steps and not stop:
+                batch = mesh_lib.global_batch(next(train_it), mesh)
+                state, m_dev = step_fn(state, batch)
+                step_no += 1
+                flush()  # previous step: it ran while this one was dispatched
+                pending = (step_no, m_dev, 0.0)
+                ev = None
+                if cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0 and held_out:
+                    ev = evaluate(eval_step, state, held_out, mesh)
+                    writer.write(step_no, ev)
+                if step_no % cfg.checkpoint.every_steps == 0 or step_no == cfg.run.steps:
+                    save(step_no, ev)
+            flush()
+            if stop and ckpt.latest_step() != step_no:
+                log.warning("%s: saving step %d and exiting", stop.signal, step_no)
+                save(step_no)
+            if step_no == cfg.run.steps and held_out:
+                summary["eval_after"] = evaluate(eval_step, state, held_out, mesh)
+                writer.write(step_no, summary["eval_after"])
+        finally:
+            ckpt.close()
+            if bar is not None:
+                bar.close()
+            writer.close()
+
+    summary.update(stop_signal=stop.signal, final_step=step_no, last=last)
+    if lead and cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
+        metrics_lib.plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    if cfg.checkpoint.export_hf and step_no == cfg.run.steps:
+        _export(built.graphdef, state, model_cfg, tokenizer, run_dir / "hf", lead)
+    return summary
+
+
+def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: bool) -> None:
+    """The final model as an HF folder (the models package's exporter), on process 0."""
+    from flax import nnx
+
+    from qtarget_jax.models import export_hf
+    from jax.experimental import multihost_utils
+    params, rest = multihost_utils.process_allgather((state.params, state.rest), tiled=True)
+    if lead:
+        export_hf(nnx.merge(graphdef, params, rest), model_cfg, str(folder), tokenizer=tokenizer)
