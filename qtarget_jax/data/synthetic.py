@@ -104,23 +104,31 @@ def question(p: Problem, rng: random.Random) -> str:
 
 def solution(p: Problem, rng: random.Random, noise: str | None = None) -> str:
     """Worked solution lines and ``#### N``; ``noise`` in (None, "wrong_step", "wrong_answer")."""
+    if noise not in (None, "wrong_step", "wrong_answer"):
+        raise ValueError(f"unknown noise kind {noise!r}")
     bad_step = rng.randrange(len(p.ops)) if noise == "wrong_step" else -1
+    delta = rng.randint(1, 3)
+    # Off by -delta, or +delta when going down would make any later amount < 1.
+    values = _chain(p, bad_step, -delta)
+    if min(values) < 1:
+        values = _chain(p, bad_step, delta)
     lines = [rng.choice(_S_START).format(name=p.name, a=p.start, item=p.item)]
-    x = p.start
     for k, (op, b) in enumerate(p.ops):
-        new = _apply(op, x, b)
-        if k == bad_step:
-            new = _off_by(new, rng)
-        lines.append(rng.choice(_S_OP[op]).format(prev=x, b=b, new=new, item=p.item))
-        x = new
-    final = _off_by(x, rng) if noise == "wrong_answer" else x
+        lines.append(rng.choice(_S_OP[op]).format(prev=values[k], b=b, new=values[k + 1],
+                                                  item=p.item))
+    final = values[-1]
+    if noise == "wrong_answer":
+        final = final - delta if final - delta >= 1 and rng.random() < 0.5 else final + delta
     lines.append(f"#### {final}")
     return "\n".join(lines)
 
 
-def _off_by(v: int, rng: random.Random) -> int:
-    d = rng.randint(1, 3)
-    return v + d if v - d < 1 or rng.random() < 0.5 else v - d
+def _chain(p: Problem, bad_step: int, delta: int) -> list[int]:
+    """Amounts [start, v1, ...] when step ``bad_step``'s result is shifted by ``delta``."""
+    vals = [p.start]
+    for k, (op, b) in enumerate(p.ops):
+        vals.append(_apply(op, vals[-1], b) + (delta if k == bad_step else 0))
+    return vals
 
 
 def extract_answer(text: str) -> int | None:
@@ -149,15 +157,16 @@ def generate(n_train: int, n_test: int, *, seed: int = 0, noise: float = 0.0,
             raise RuntimeError("could not draw enough distinct problems")
     out: dict[str, list[dict]] = {"test": [], "train": []}
     for pid, p in enumerate(problems[:n_test]):
-        out["test"].append(_row(f"test-{pid}", p, question(p, rng), solution(p, rng), None))
-    noise_rng = random.Random(seed + 1)
+        r = random.Random(f"{seed}-test-{pid}")  # per-row streams: rows do not shift each other
+        out["test"].append(_row(f"test-{pid}", p, question(p, r), solution(p, r), None))
     for pid, p in enumerate(problems[n_test:]):
         for k in range(phrasings):
+            r = random.Random(f"{seed}-train-{pid}-{k}")
             kind = None
-            if noise_rng.random() < noise:
-                kind = noise_rng.choice(("wrong_step", "wrong_answer"))
-            out["train"].append(_row(f"train-{pid}-{k}", p, question(p, rng),
-                                     solution(p, rng, kind), kind))
+            if r.random() < noise:
+                kind = r.choice(("wrong_step", "wrong_answer"))
+            out["train"].append(_row(f"train-{pid}-{k}", p, question(p, r),
+                                     solution(p, r, kind), kind))
     return out
 
 

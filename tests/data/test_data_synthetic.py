@@ -1,0 +1,78 @@
+"""The synthetic arithmetic set: correct worked solutions, fixed splits, measured noise."""
+import re
+
+import pytest
+
+from qtarget_jax.data import records, synthetic
+
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+
+
+def _check_solution(text):
+    """Independent checker: every 'a op b = c' is true, steps chain, '#### c' is the last c."""
+    lines = text.split("\n")
+    steps = [tuple(_STEP.search(line).groups()) for line in lines[1:-1]]
+    prev = None
+    for a, op, b, c in steps:
+        a, b, c = int(a), int(b), int(c)
+        if prev is not None and a != prev:
+            return False
+        if c != {"+": a + b, "-": a - b, "*": a * b}[op]:
+            return False
+        prev = c
+    return lines[-1] == f"#### {prev}" and 2 <= len(steps) <= 3
+
+
+def test_clean_rows_are_correct_and_valid():
+    data = synthetic.generate(300, 100, seed=3, noise=0.0)
+    assert len(data["train"]) == 600 and len(data["test"]) == 100
+    for row in data["train"] + data["test"]:
+        conv = records.row_to_conversation(row, "synth")
+        assert [m.role for m in conv] == ["user", "assistant"]
+        assert _check_solution(conv[1].content), conv[1].content
+        assert synthetic.extract_answer(conv[1].content) == row["answer"]
+        assert row["noise"] is None
+        assert 1 <= row["answer"] <= synthetic.MAX_VALUE
+
+
+def test_splits_fixed_by_seed_and_disjoint():
+    a = synthetic.generate(200, 50, seed=0)
+    b = synthetic.generate(400, 50, seed=0)
+    assert a["test"] == b["test"]                 # test split does not depend on n_train
+    assert a == synthetic.generate(200, 50, seed=0)
+    assert a["test"] != synthetic.generate(200, 50, seed=1)["test"]
+    test_q = {r["messages"][0]["content"] for r in a["test"]}
+    train_q = {r["messages"][0]["content"] for r in a["train"]}
+    assert not test_q & train_q
+
+
+def test_several_phrasings_per_problem():
+    data = synthetic.generate(100, 0, seed=0, phrasings=3)
+    by_problem = {}
+    for row in data["train"]:
+        by_problem.setdefault(row["id"].rsplit("-", 1)[0], []).append(row)
+    assert all(len(v) == 3 for v in by_problem.values())
+    distinct = sum(len({r["messages"][1]["content"] for r in v}) > 1
+                   for v in by_problem.values())
+    assert distinct >= 90  # the same problem has several observed solutions
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2, 0.5])
+def test_noise_fraction_and_kinds(noise):
+    rows = synthetic.generate(1000, 10, seed=0, noise=noise)["train"]
+    noisy = [r for r in rows if r["noise"]]
+    assert abs(len(noisy) / len(rows) - noise) < 0.03
+    for r in rows:
+        sol = r["messages"][1]["content"]
+        assert _check_solution(sol) == (r["noise"] is None), sol
+        # Both kinds end on a wrong final answer (a wrong step propagates to the end).
+        assert (synthetic.extract_answer(sol) == r["answer"]) == (r["noise"] is None), sol
+    assert {r["noise"] for r in noisy} == ({"wrong_step", "wrong_answer"} if noise else set())
+
+
+def test_extract_answer():
+    assert synthetic.extract_answer("a\n#### 12") == 12
+    assert synthetic.extract_answer("#### 3\nx\n#### 4\n") == 4
+    assert synthetic.extract_answer("the answer is 12") is None
+    with pytest.raises(ValueError, match="noise"):
+        synthetic.generate(1, 1, noise=1.5)
