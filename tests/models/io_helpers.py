@@ -37,21 +37,31 @@ def make_torch_model(kind: str, *, tie: bool = False, seed: int = 0, dtype=None)
     return model.eval()
 
 
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_vocab() -> list[str]:
+    """128 tokens: 3 specials, 124 byte-level characters (ASCII first), and the merge 'ab'."""
+    from tokenizers import pre_tokenizers
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[:124]
+    assert "a" in chars and "b" in chars
+    return SPECIAL + chars + ["ab"]
+
+
 def make_tokenizer():
-    """A tiny byte-level BPE tokenizer (vocab 128) with special tokens and a chat template."""
+    """A tiny byte-level BPE tokenizer (vocab 128, one merge) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(special + sorted(alphabet)[:128 - len(special)])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab = {t: i for i, t in enumerate(tiny_vocab())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
                                    eos_token="<|im_end|>", pad_token="<|im_end|>",
                                    unk_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": special})
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -113,11 +123,12 @@ def to_gguf_name(name: str) -> str:
 
 
 def write_tiny_gguf(path: str, state: dict[str, np.ndarray], *, quant=None,
-                    architecture: str = "llama") -> dict[str, str]:
+                    architecture: str = "llama", tokenizer: bool = False) -> dict[str, str]:
     """Write HF-named float32 `state` as a llama.cpp-style GGUF; returns HF name -> GGML type.
 
     2-D matrices whose row length is a multiple of 32 are stored as `quant` (e.g. Q8_0) when
     given, everything else as F32. q/k rows are permuted as llama.cpp does for `llama`.
+    With `tokenizer`, the `tiny_vocab` tokenizer and chat template go into the metadata.
     """
     w = gguf.GGUFWriter(path, architecture)
     c = TINY
@@ -133,6 +144,13 @@ def write_tiny_gguf(path: str, state: dict[str, np.ndarray], *, quant=None,
     w.add_bos_token_id(c["bos_token_id"])
     w.add_eos_token_id(c["eos_token_id"])
     w.add_pad_token_id(c["pad_token_id"])
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tiny_vocab())
+        w.add_token_types([3 if t in SPECIAL else 1 for t in tiny_vocab()])
+        w.add_token_merges(["a b"])
+        w.add_unk_token_id(0)
+        w.add_chat_template(CHAT_TEMPLATE)
     types = {}
     for name, value in state.items():
         value = np.asarray(value, np.float32)
