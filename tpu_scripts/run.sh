@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # run.sh: launch `python train.py --config CONFIG key=value ...` on all workers at once. Each
 # worker first frees the TPU (kills stale holders of /dev/accel* and /dev/vfio, removes
-# /tmp/libtpu_lockfile), then starts the run detached; logs.sh shows the output. The run folder
-# is gs://GCS_BUCKET/runs/RUN_NAME (run.dir): checkpoints and metrics go there, and a relaunch
-# with the same RUN_NAME resumes from its latest checkpoint.
+# /tmp/libtpu_lockfile), then starts the run detached; logs.sh shows the output. Checkpoints
+# go to gs://GCS_BUCKET/runs/RUN_NAME/checkpoints (checkpoint.dir), so a relaunch with the same
+# RUN_NAME resumes from the latest one, on any VM. run.dir (config.yaml, metrics.jsonl, tb/) is
+# runs/RUN_NAME in the code folder of each worker (worker 0 writes it).
 #
 # Usage: tpu_scripts/run.sh [--settings FILE] [--dry-run] --config CONFIG [key=value ...]
 # Example Usage: tpu_scripts/run.sh --config configs/tpu_v5p_llama3_8b.yaml run.steps=2000
@@ -32,9 +33,9 @@ done
 [[ -f $QT_REPO_ROOT/$config ]] ||
   qt_die "--config $config: no such file in $QT_REPO_ROOT (give a path relative to the repo)"
 
-run_dir=gs://$GCS_BUCKET/runs/$RUN_NAME
-remote=$(qt_quote bash "$(qt_remote_script launch.sh)" "$config" "run.dir=$run_dir" \
-  ${overrides[@]+"${overrides[@]}"})
+ckpt_dir=gs://$GCS_BUCKET/runs/$RUN_NAME/checkpoints
+remote=$(qt_quote bash "$(qt_remote_script launch.sh)" "$config" "run.dir=runs/$RUN_NAME" \
+  "checkpoint.dir=$ckpt_dir" ${overrides[@]+"${overrides[@]}"})
 qt_ssh all "$remote"
-qt_log "launched on all workers of $TPU_NAME; run folder $run_dir"
+qt_log "launched on all workers of $TPU_NAME; checkpoints in $ckpt_dir"
 qt_log "follow with: tpu_scripts/logs.sh --follow   (all workers: tpu_scripts/logs.sh)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # sync.sh: copy the working tree (tracked and untracked files, minus .git, .venv, runs/ and
 # caches) to REMOTE_DIR on every worker. Files deleted locally are deleted there too; the
-# remote .venv is kept. Run it before setup.sh and after every local change.
+# remote .venv and runs/ are kept. Run it before setup.sh and after every local change.
 #
 # Usage: tpu_scripts/sync.sh [--settings FILE] [--dry-run]
 # Example Usage: tpu_scripts/sync.sh --settings tpu_scripts/v5p-64.env
@@ -18,6 +18,6 @@ qt_run tar -czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./runs \
   --exclude=./data_cache --exclude=./tpu_scripts/settings.env --exclude=__pycache__ \
   --exclude=.pytest_cache --exclude=.hypothesis --exclude='*.egg-info' -C "$QT_REPO_ROOT" .
 qt_scp "$tarball" qtarget-code.tar.gz
-qt_ssh all "mkdir -p $REMOTE_DIR && find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv \
+qt_ssh all "mkdir -p $REMOTE_DIR && find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name runs \
 -exec rm -rf {} + && tar -xzf qtarget-code.tar.gz -C $REMOTE_DIR && rm qtarget-code.tar.gz"
 qt_log "code synced to $REMOTE_DIR on every worker of $TPU_NAME"

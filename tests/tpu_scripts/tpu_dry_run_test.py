@@ -36,7 +36,7 @@ EXPECTED = {
             f"gcloud compute tpus tpu-vm scp {{stage}}/code.tar.gz qt-v5e-8:qtarget-code.tar.gz "
             f"{V5E_WHERE} --worker=all --quiet",
             f"{V5E_SSH} '--command=mkdir -p qtarget-jax && find qtarget-jax -mindepth 1 "
-            "-maxdepth 1 ! -name .venv -exec rm -rf {} + && tar -xzf qtarget-code.tar.gz "
+            "-maxdepth 1 ! -name .venv ! -name runs -exec rm -rf {} + && tar -xzf qtarget-code.tar.gz "
             "-C qtarget-jax && rm qtarget-code.tar.gz'",
         ],
         ("setup", ()): [
@@ -45,7 +45,8 @@ EXPECTED = {
         ],
         ("run", ("--config", CONFIG, "run.steps=20", "optim.lr=3e-5")): [
             f"{V5E_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-            f"{CONFIG} run.dir=gs://qt-bucket/runs/qt-v5e-8 run.steps=20 optim.lr=3e-5'",
+            f"{CONFIG} run.dir=runs/qt-v5e-8 checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints "
+            "run.steps=20 optim.lr=3e-5'",
         ],
         ("logs", ()): [
             "mkdir -p {stage}/logs",
@@ -60,6 +61,9 @@ EXPECTED = {
             f"{V5E_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/stop_train.sh 120'",
         ],
         ("status", ("--no-workers",)): [V5E_DESCRIBE],
+        ("exec", ("--", "gcloud storage cp -r gs://qt-bucket/llama3-8b ~/models/")): [
+            f"{V5E_SSH} '--command=gcloud storage cp -r gs://qt-bucket/llama3-8b ~/models/'",
+        ],
         ("delete", ()): [
             V5E_DESCRIBE,
             f"gcloud compute tpus tpu-vm delete qt-v5e-8 {V5E_WHERE} --quiet",
@@ -79,7 +83,8 @@ EXPECTED = {
         ],
         ("run", ("--config", CONFIG, "mesh.fsdp=-1", "mesh.data=1")): [
             f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-            f"{CONFIG} run.dir=gs://qt-bucket/runs/llama3-8b-sft mesh.fsdp=-1 mesh.data=1'",
+            f"{CONFIG} run.dir=runs/llama3-8b-sft "
+            "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints mesh.fsdp=-1 mesh.data=1'",
         ],
         ("stop", ("--grace-s", "300")): [
             f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/stop_train.sh 300'",
@@ -88,6 +93,10 @@ EXPECTED = {
             V5P_DESCRIBE,
             f"{V5P_SSH} '--command=echo $(hostname): $(bash "
             "qtarget-jax/tpu_scripts/remote/train_status.sh)'",
+        ],
+        ("exec", ("--worker", "3", "--", "df -h /")): [
+            "gcloud compute tpus tpu-vm ssh qt-v5p-64 --project=qt-proj --zone=us-east5-a "
+            "--worker=3 --quiet '--command=df -h /'",
         ],
         ("delete", ()): [
             V5P_DESCRIBE,
@@ -126,7 +135,8 @@ def test_relaunch_dry_run_is_delete_create_sync_setup_run_in_order(settings_file
     sync = [line.replace("qt-v5e-8", "qt-v5p-64").replace(V5E_WHERE, V5P_WHERE)
             .replace("{stage}", str(run_script.stage)) for line in EXPECTED["v5e-8"][("sync", ())]]
     run = [f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-           f"{CONFIG} run.dir=gs://qt-bucket/runs/llama3-8b-sft'"]
+           f"{CONFIG} run.dir=runs/llama3-8b-sft "
+           "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints'"]
     assert lines == [V5P_DESCRIBE, table[("delete", ())][1]] + table[("create", ())] + sync + \
         table[("setup", ())] + run
 
@@ -138,7 +148,8 @@ def test_watch_dry_run_shows_one_relaunch(settings_file, run_script):
     lines = dry_lines(proc)
     assert lines[0] == V5E_DESCRIBE
     assert sum("tpu-vm create qt-v5e-8" in line for line in lines) == 1
-    assert lines[-1].endswith(f"launch.sh {CONFIG} run.dir=gs://qt-bucket/runs/qt-v5e-8'")
+    assert lines[-1].endswith(f"launch.sh {CONFIG} run.dir=runs/qt-v5e-8 "
+                              "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints'")
     assert "relaunch 1/20" in proc.stderr
 
 

@@ -14,7 +14,7 @@ from tpu_helpers import SCRIPTS
 
 # Stand-in for `.venv/bin/python train.py --config ...`; FAKE_TRAIN picks the behaviour.
 FAKE_PYTHON = """#!/usr/bin/env bash
-echo "fake python: $*"
+echo "fake python: $* (JAX_COORDINATOR_ADDRESS=${JAX_COORDINATOR_ADDRESS:-unset})"
 case ${FAKE_TRAIN:-sleep} in
   sleep)
     trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
@@ -38,14 +38,18 @@ def worker(tmp_path: pathlib.Path):
     (code / "configs").mkdir()
     (code / "configs" / "job.yaml").write_text("run: {steps: 3}\n")
     logs = tmp_path / "qtarget-logs"
+    # The TPU metadata server's worker-network-endpoints, served from a file (curl file://).
+    endpoints = tmp_path / "worker-network-endpoints"
+    endpoints.write_text("unknown:unknown:10.130.0.12")
 
     def run(script: str, *args: str, fake_train: str = "sleep") -> subprocess.CompletedProcess:
         env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "QT_LOG_DIR": str(logs),
-               "FAKE_TRAIN": fake_train}
+               "FAKE_TRAIN": fake_train, "QT_TPU_METADATA_URL": endpoints.as_uri()}
         return subprocess.run(["bash", str(code / "tpu_scripts" / "remote" / script), *args],
                               env=env, capture_output=True, text=True, timeout=60)
     run.logs = logs
     run.code = code
+    run.endpoints = endpoints
     yield run
     run("stop_train.sh", "5")  # never leave a stand-in running
 
@@ -67,7 +71,8 @@ def test_launch_records_how_the_run_ended(fake_train, status, worker):
     _wait_for(worker.logs / "exit_code")
     assert worker("train_status.sh").stdout.strip() == status
     log = (worker.logs / "train.log").read_text()
-    assert "fake python: train.py --config configs/job.yaml run.steps=3" in log
+    assert ("fake python: train.py --config configs/job.yaml run.steps=3 "
+            "(JAX_COORDINATOR_ADDRESS=unset)") in log, "single host: no jax.distributed"
 
 
 def test_launch_status_refuse_stop(worker):
@@ -112,3 +117,23 @@ def test_setup_worker_needs_synced_code(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "no pyproject.toml" in proc.stderr and "run tpu_scripts/sync.sh first" in proc.stderr
+
+
+@pytest.mark.parametrize("endpoints,coordinator", [
+    ("unknown:unknown:10.130.0.12,unknown:unknown:10.130.0.13", "10.130.0.12:8482"),
+    ("t1v-n-0-w-0,t1v-n-0-w-1,t1v-n-0-w-2,t1v-n-0-w-3", "t1v-n-0-w-0:8482"),
+])
+def test_multi_host_launch_points_jax_distributed_at_worker_0(endpoints, coordinator, worker):
+    worker.endpoints.write_text(endpoints)
+    proc = worker("launch.sh", "configs/job.yaml", fake_train="exit 0")
+    assert proc.returncode == 0, proc.stderr
+    assert f"coordinator {coordinator}" in proc.stdout
+    _wait_for(worker.logs / "exit_code")
+    assert f"(JAX_COORDINATOR_ADDRESS={coordinator})" in (worker.logs / "train.log").read_text()
+
+
+def test_launch_off_a_tpu_vm_fails_clearly(worker):
+    worker.endpoints.unlink()
+    proc = worker("launch.sh", "configs/job.yaml")
+    assert proc.returncode == 2
+    assert "cannot read file://" in proc.stderr and "not a Cloud TPU VM?" in proc.stderr

@@ -2,7 +2,8 @@
 # launch.sh: runs ON each TPU worker (run.sh starts it with --worker=all, all workers at once).
 # Refuses when a run started by it is still alive, frees the TPU (free_tpu.sh), then starts
 # train_wrapper.sh detached (setsid nohup) so the ssh session can end. jax.distributed finds
-# the other workers from the TPU environment. Output: $HOME/qtarget-logs/train.log (appended).
+# the other workers from the TPU environment (JAX_COORDINATOR_ADDRESS = worker 0 on a multi-host
+# slice). Output: $HOME/qtarget-logs/train.log (appended).
 #
 # Usage: bash REMOTE_DIR/tpu_scripts/remote/launch.sh CONFIG [key=value ...]
 # Example Usage: bash qtarget-jax/tpu_scripts/remote/launch.sh configs/x.yaml run.steps=10
@@ -30,6 +31,19 @@ if [[ -f $log_dir/train.pid ]]; then
     echo "ERROR [launch]: $(hostname): a run is still going (pid $pid): stop.sh first" >&2
     exit 3
   fi
+fi
+# Multi-host slice: train.py calls jax.distributed.initialize() when JAX_COORDINATOR_ADDRESS is
+# set; JAX reads the process id and count from the TPU metadata. The coordinator is worker 0
+# (first of worker-network-endpoints: "name:id:ip" or "hostname" entries), port 8482 as JAX's.
+endpoints_url=${QT_TPU_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints}
+endpoints=$(curl -sSf -H 'Metadata-Flavor: Google' "$endpoints_url") || {
+  echo "ERROR [launch]: $(hostname): cannot read $endpoints_url (not a Cloud TPU VM?)" >&2
+  exit 2
+}
+IFS=, read -ra workers <<<"$endpoints"
+if ((${#workers[@]} > 1)); then
+  export JAX_COORDINATOR_ADDRESS=${JAX_COORDINATOR_ADDRESS:-${workers[0]##*:}:8482}
+  echo "[launch] $(hostname): ${#workers[@]} workers, coordinator $JAX_COORDINATOR_ADDRESS"
 fi
 bash "$here/free_tpu.sh"
 rm -f "$log_dir/exit_code" "$log_dir/train.pid"

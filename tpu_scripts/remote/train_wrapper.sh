@@ -13,7 +13,8 @@ log_dir=${QT_LOG_DIR:-$HOME/qtarget-logs}
 echo "$$" >"$log_dir/train.pid"
 stopped=0
 trap 'stopped=1' TERM INT
-echo "=== $(date -u +%FT%TZ) $(hostname) start: train.py --config $*"
+echo "=== $(date -u +%FT%TZ) $(hostname) start: train.py --config $*" \
+  "(JAX_COORDINATOR_ADDRESS=${JAX_COORDINATOR_ADDRESS:-unset})"
 cd "$code_dir" || exit 2
 PYTHONUNBUFFERED=1 .venv/bin/python train.py --config "$@" &
 child=$!
