@@ -17,6 +17,11 @@
 # QT_STAGE_DIR (local folder for the code tarball and fetched logs, default
 # runs/tpu/TPU_NAME in the repo).
 
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3))); then
+  echo "ERROR: tpu_scripts need bash >= 4.3, this is $BASH_VERSION (macOS: brew install bash)" >&2
+  exit 1
+fi
+
 QT_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck disable=SC2034  # used by the scripts that source this file
 QT_REPO_ROOT=$(cd "$QT_SCRIPTS_DIR/.." && pwd)

@@ -2,8 +2,9 @@
 # watch.sh: keep a spot/preemptible run alive. Every --interval-s seconds (default 300) read the
 # TPU state; when it is lost (PREEMPTED, SUSPENDED, ...) run relaunch.sh, which resumes from the
 # last checkpoint, at most --max-relaunches times (default 20). Stops with exit 0 when worker 0
-# reports the run finished, with exit 1 when it failed or is not running (stopped / none).
-# --once: one check and return. --dry-run: one pass that assumes a preemption and prints the
+# reports the run finished, with exit 1 when it failed or is not running (stopped / none). A
+# failed relaunch (e.g. no spot capacity) is retried at the next check.
+# --once: one check and return (exit status of the relaunch, if any). --dry-run: one pass that assumes a preemption and prints the
 # relaunch commands.
 #
 # Usage: tpu_scripts/watch.sh [--settings FILE] [--dry-run] [--once] [--interval-s N]
@@ -39,13 +40,17 @@ qt_pass_flags
 ready=$(qt_ready_state)
 relaunches=0
 while true; do
+  rc=0
   state=$(qt_state PREEMPTED) || state=UNKNOWN
-  if qt_is_lost "$state"; then
+  # ABSENT after one of our relaunches failed half-way (e.g. no spot capacity at create time):
+  # keep trying. ABSENT before any relaunch: someone deleted it on purpose, stop.
+  if qt_is_lost "$state" || [[ $state == ABSENT && $relaunches -gt 0 ]]; then
     ((relaunches < max_relaunches)) ||
       qt_die "$TPU_NAME is $state and --max-relaunches $max_relaunches is used up"
     relaunches=$((relaunches + 1))
     qt_log "$TPU_NAME is $state: relaunch $relaunches/$max_relaunches"
-    bash "$QT_SCRIPTS_DIR/relaunch.sh" "${QT_PASS[@]}" "${run_args[@]}"
+    bash "$QT_SCRIPTS_DIR/relaunch.sh" "${QT_PASS[@]}" "${run_args[@]}" || rc=$?
+    ((rc == 0)) || qt_log "relaunch $relaunches failed (exit $rc); trying again at the next check"
   elif [[ $state == "$ready" ]]; then
     run_state=$(qt_ssh 0 "bash $(qt_remote_script train_status.sh)") || run_state=unknown
     case $run_state in
@@ -63,6 +68,6 @@ while true; do
   else
     qt_log "$TPU_NAME is $state"
   fi
-  ((once)) && exit 0
+  ((once)) && exit "$rc"
   sleep "$interval_s"
 done

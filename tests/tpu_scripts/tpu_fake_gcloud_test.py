@@ -194,6 +194,44 @@ def test_suspended_queued_resource_is_relaunched(settings_file, run_script, fake
     assert calls[-1][-1].endswith("checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints")
 
 
+def test_watch_retries_a_relaunch_that_found_no_capacity(settings_file, run_script,
+                                                         fake_gcloud):
+    # Check 1: PREEMPTED -> relaunch: delete ok, create fails (no spot capacity).
+    # Check 2: ABSENT after our failed relaunch -> relaunch again: create ok, READY, run.
+    # Check 3: READY and worker 0 reports the run finished -> exit 0.
+    fake_gcloud.set_states("PREEMPTED", "PREEMPTED", "ABSENT",
+                           "ABSENT", "ABSENT", "ABSENT", "READY")
+    fake_gcloud.set_create_failures(1)
+    fake_gcloud.set_train_status("finished 0")
+    proc = run_script("watch", "--settings", str(settings_file(V5E_8)), "--interval-s", "0",
+                      "--config", CONFIG)
+    assert proc.returncode == 0, proc.stderr
+    assert "relaunch 1 failed (exit 1); trying again at the next check" in proc.stderr
+    assert "qt-v5e-8 is ABSENT: relaunch 2/20" in proc.stderr
+    assert "run finished on worker 0 after 2 relaunch(es)" in proc.stderr
+    verbs = [c[3] for c in fake_gcloud.calls()]
+    assert verbs.count("create") == 2 and verbs.count("delete") == 1
+
+
+def test_watch_once_reports_a_failed_relaunch(settings_file, run_script, fake_gcloud):
+    fake_gcloud.set_states("PREEMPTED", "PREEMPTED", "ABSENT")
+    fake_gcloud.set_create_failures(1)
+    proc = run_script("watch", "--settings", str(settings_file(V5E_8)), "--once",
+                      "--config", CONFIG)
+    assert proc.returncode == 1
+    assert "There is no more capacity in the zone" in proc.stderr
+
+
+def test_watch_stops_when_the_tpu_was_deleted_on_purpose(settings_file, run_script,
+                                                        fake_gcloud):
+    fake_gcloud.set_states("ABSENT")
+    proc = run_script("watch", "--settings", str(settings_file(V5E_8)), "--once",
+                      "--config", CONFIG)
+    assert proc.returncode == 1
+    assert "qt-v5e-8 does not exist" in proc.stderr
+    assert len(fake_gcloud.calls()) == 1
+
+
 def test_watch_gives_up_after_max_relaunches(settings_file, run_script, fake_gcloud):
     fake_gcloud.set_states("PREEMPTED")
     proc = run_script("watch", "--settings", str(settings_file(V5E_8)), "--once",

@@ -6,6 +6,7 @@ answers from files in its folder:
   states        one state per line; each `describe` consumes the first line, the last one
                 sticks. ABSENT (or no file) -> NOT_FOUND error; DENIED -> PERMISSION_DENIED.
   ssh_failures  integer: that many next ssh/scp calls fail with exit 255 (transient).
+  create_failures  integer: that many next `create` calls fail (no capacity).
   train_status  the line `ssh ... train_status.sh` prints (default "running 123").
 No network, no real gcloud: the fake folder comes first on PATH.
 """
@@ -61,6 +62,14 @@ case ${4:-} in
     esac
     echo "$state"
     ;;
+  create)
+    failures=$(cat "$d/create_failures" 2>/dev/null || echo 0)
+    if ((failures > 0)); then
+      echo $((failures - 1)) >"$d/create_failures"
+      echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) There is no more capacity in the zone" >&2
+      exit 1
+    fi
+    ;;
   ssh | scp)
     failures=$(cat "$d/ssh_failures" 2>/dev/null || echo 0)
     if ((failures > 0)); then
@@ -90,6 +99,9 @@ class FakeGcloud:
 
     def set_ssh_failures(self, n: int) -> None:
         (self.dir / "ssh_failures").write_text(str(n))
+
+    def set_create_failures(self, n: int) -> None:
+        (self.dir / "create_failures").write_text(str(n))
 
     def set_train_status(self, line: str) -> None:
         (self.dir / "train_status").write_text(line + "\n")
