@@ -33,7 +33,8 @@ def open_split(source: str, split: str, *, data_dir: str | None = None) -> Seque
         if split not in splits:
             raise KeyError(f"source {source!r} has no split {split!r}; it has {splits}")
         return builder.as_data_source(split=split)
-    if source.startswith(("/", ".", "~")) or os.path.exists(source):
+    # Catalog names are "name[/config][:version]": at most one "/", no leading "/", ".", "~".
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source):
         raise FileNotFoundError(f"source {source!r} is not a dataset folder (and not a catalog "
                                 "name): pass the folder printed by `prepare`")
     return tfds.data_source(source, split=split, data_dir=data_dir, download=False)

@@ -131,3 +131,5 @@ def test_open_split_errors(prepared, tmp_path):
         sources.open_split(str(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match="not a dataset folder"):
         sources.open_split("./missing/folder", "train")
+    with pytest.raises(FileNotFoundError, match="not a dataset folder"):
+        sources.open_split("data/tfds/jsonl_sft/x/1.0.0", "train")
