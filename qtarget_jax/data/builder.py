@@ -114,11 +114,11 @@ def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name
     )
     if os.path.exists(builder.data_dir):
         raise FileExistsError(f"dataset already prepared at {builder.data_dir}; remove it first")
-    builder.info.metadata["skipped"] = dict(pol.counts)  # filled in below, after generation
     builder.info.metadata["policy"] = policy
-    builder.info.metadata["files"] = {k: list(v) for k, v in split_files.items()}
+    builder.info.metadata["files"] = {k: [os.path.abspath(p) for p in v]
+                                      for k, v in split_files.items()}
     builder.download_and_prepare()
-    # Metadata is written during preparation, before all rows were seen: write it again now.
+    # The skip counts are known only once every row was read: write the info again with them.
     builder.info.metadata["skipped"] = dict(pol.counts)
     builder.info.write_to_directory(builder.data_dir)
     return builder.data_dir, pol
