@@ -43,7 +43,7 @@ declare -A QT_DEFAULTS=(
   [PYTHON_VERSION]=3.11     # python on the workers (installed by uv); jax needs >= 3.11
   [JAX_VERSION]=0.10.2      # jax[tpu]==JAX_VERSION, same as pyproject.toml's jax pin
   [REMOTE_DIR]=qtarget-jax  # code folder on every worker, relative to the ssh user's home
-  [RUN_NAME]=""             # run folder gs://GCS_BUCKET/runs/RUN_NAME; empty: TPU_NAME
+  [RUN_NAME]=""             # checkpoints in gs://GCS_BUCKET/runs/RUN_NAME/; empty: TPU_NAME
   [SSH_RETRIES]=5           # attempts for every ssh/scp before giving up
 )
 
@@ -62,7 +62,7 @@ qt_usage() {
 
 # qt_quote ARG...: prints ARGs as one shell line, quoting an argument only when it needs it.
 qt_quote() {
-  local out="" arg safe='^[][A-Za-z0-9_./=:,@%+^-]+$'
+  local out="" arg safe='^[A-Za-z0-9_./=:,@%+-]+$'
   for arg in "$@"; do
     if [[ $arg =~ $safe ]]; then
       out+="$arg "
@@ -150,25 +150,31 @@ qt_load_settings() {
 qt_check_settings() {
   local file=$1
   [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
-    qt_die "$file: TPU_NAME='$TPU_NAME': use lowercase letters, digits and '-', start with a letter"
+    qt_die "$file: TPU_NAME='$TPU_NAME': use lowercase letters, digits and '-'," \
+      "start with a letter"
   [[ $ACCELERATOR_TYPE =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
-    qt_die "$file: ACCELERATOR_TYPE='$ACCELERATOR_TYPE': expected e.g. v4-8, v5litepod-8, v5p-64, v6e-8"
+    qt_die "$file: ACCELERATOR_TYPE='$ACCELERATOR_TYPE': expected e.g. v4-8, v5litepod-8," \
+      "v5p-64, v6e-8"
   [[ $GCS_BUCKET != gs://* && $GCS_BUCKET != */* ]] ||
     qt_die "$file: GCS_BUCKET='$GCS_BUCKET': give the bucket name only (no gs://, no path)"
   case $PROVISIONING in
     on-demand | spot | preemptible | reserved) ;;
-    *) qt_die "$file: PROVISIONING='$PROVISIONING': must be one of on-demand, spot, preemptible, reserved" ;;
+    *) qt_die "$file: PROVISIONING='$PROVISIONING': must be one of on-demand, spot," \
+      "preemptible, reserved" ;;
   esac
   case $QUEUED in
     true | false) ;;
     *) qt_die "$file: QUEUED='$QUEUED': must be true or false" ;;
   esac
   if [[ $QUEUED == true && $PROVISIONING == preemptible ]]; then
-    qt_die "$file: PROVISIONING=preemptible is not available for queued resources (QUEUED=true); use spot"
+    qt_die "$file: PROVISIONING=preemptible is not available for queued resources" \
+      "(QUEUED=true); use spot"
   fi
-  [[ $SSH_RETRIES =~ ^[1-9][0-9]*$ ]] || qt_die "$file: SSH_RETRIES='$SSH_RETRIES': must be a positive integer"
+  [[ $SSH_RETRIES =~ ^[1-9][0-9]*$ ]] ||
+    qt_die "$file: SSH_RETRIES='$SSH_RETRIES': must be a positive integer"
   [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ ]] ||
-    qt_die "$file: REMOTE_DIR='$REMOTE_DIR': use a relative path of letters, digits, '_', '.', '-', '/'"
+    qt_die "$file: REMOTE_DIR='$REMOTE_DIR': use a relative path of letters, digits," \
+      "'_', '.', '-', '/'"
   [[ $RUN_NAME =~ ^[A-Za-z0-9_.-]+$ ]] ||
     qt_die "$file: RUN_NAME='$RUN_NAME': use letters, digits, '_', '.', '-'"
 }

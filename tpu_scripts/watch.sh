@@ -4,8 +4,8 @@
 # last checkpoint, at most --max-relaunches times (default 20). Stops with exit 0 when worker 0
 # reports the run finished, with exit 1 when it failed or is not running (stopped / none). A
 # failed relaunch (e.g. no spot capacity) is retried at the next check.
-# --once: one check and return (exit status of the relaunch, if any). --dry-run: one pass that assumes a preemption and prints the
-# relaunch commands.
+# --once: one check and return (exit status of the relaunch, if any).
+# --dry-run: one pass that assumes a preemption and prints the relaunch commands.
 #
 # Usage: tpu_scripts/watch.sh [--settings FILE] [--dry-run] [--once] [--interval-s N]
 #          [--max-relaunches N] --config CONFIG [key=value ...]

@@ -36,8 +36,8 @@ EXPECTED = {
             f"gcloud compute tpus tpu-vm scp {{stage}}/code.tar.gz qt-v5e-8:qtarget-code.tar.gz "
             f"{V5E_WHERE} --worker=all --quiet",
             f"{V5E_SSH} '--command=mkdir -p qtarget-jax && find qtarget-jax -mindepth 1 "
-            "-maxdepth 1 ! -name .venv ! -name runs -exec rm -rf {} + && tar -xzf qtarget-code.tar.gz "
-            "-C qtarget-jax && rm qtarget-code.tar.gz'",
+            "-maxdepth 1 ! -name .venv ! -name runs -exec rm -rf {} + && "
+            "tar -xzf qtarget-code.tar.gz -C qtarget-jax && rm qtarget-code.tar.gz'",
         ],
         ("setup", ()): [
             f"{V5E_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/setup_worker.sh "
@@ -45,8 +45,8 @@ EXPECTED = {
         ],
         ("run", ("--config", CONFIG, "run.steps=20", "optim.lr=3e-5")): [
             f"{V5E_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-            f"{CONFIG} run.dir=runs/qt-v5e-8 checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints "
-            "run.steps=20 optim.lr=3e-5'",
+            f"{CONFIG} run.dir=runs/qt-v5e-8 "
+            "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints run.steps=20 optim.lr=3e-5'",
         ],
         ("logs", ()): [
             "mkdir -p {stage}/logs",
@@ -84,7 +84,8 @@ EXPECTED = {
         ("run", ("--config", CONFIG, "mesh.fsdp=-1", "mesh.data=1")): [
             f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
             f"{CONFIG} run.dir=runs/llama3-8b-sft "
-            "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints mesh.fsdp=-1 mesh.data=1'",
+            "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints "
+            "mesh.fsdp=-1 mesh.data=1'",
         ],
         ("stop", ("--grace-s", "300")): [
             f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/stop_train.sh 300'",

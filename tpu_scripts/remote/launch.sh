@@ -35,7 +35,8 @@ fi
 # Multi-host slice: train.py calls jax.distributed.initialize() when JAX_COORDINATOR_ADDRESS is
 # set; JAX reads the process id and count from the TPU metadata. The coordinator is worker 0
 # (first of worker-network-endpoints: "name:id:ip" or "hostname" entries), port 8482 as JAX's.
-endpoints_url=${QT_TPU_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints}
+metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+endpoints_url=${QT_TPU_METADATA_URL:-$metadata/worker-network-endpoints}
 endpoints=$(curl -sSf -H 'Metadata-Flavor: Google' "$endpoints_url") || {
   echo "ERROR [launch]: $(hostname): cannot read $endpoints_url (not a Cloud TPU VM?)" >&2
   exit 2
