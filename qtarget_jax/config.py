@@ -8,7 +8,8 @@ config is written next to every run (`save_resolved`).
 
 Unknown keys and values of the wrong type raise `ConfigError`, naming the source, the dotted key,
 the value and the closest valid key (difflib). Free-form sections (`model.config`, `loss.target`)
-are dicts checked by their consumers (ModelConfig, `targets.spec_from_dict`).
+are dicts checked by their consumers (ModelConfig, `targets.spec_from_dict`); they merge key by
+key, except that a mapping naming a "preset" replaces the previous one whole.
 """
 from __future__ import annotations
 
@@ -209,6 +210,8 @@ def _merge(base: dict, update: dict, cls, src: str, prov: dict, overridden: list
             _merge(base.setdefault(key, {}), value, tp, src, prov, overridden, dotted + ".")
             continue
         if tp is dict and isinstance(value, dict):
+            if "preset" in value:  # a new preset starts from its own defaults
+                base[key] = {}
             for sub, subval in value.items():  # free-form dicts merge key by key
                 _set_leaf(base.setdefault(key, {}), sub, subval, f"{dotted}.{sub}", src, prov,
                           overridden)

@@ -71,8 +71,13 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None):
         tokenizer = _tokenizer(section.tokenizer or default_model_path())
         check_vocab(tokenizer, cfg.vocab_size, "model.source=init")
         return model, cfg, tokenizer
-    from qtarget_jax.models import load_model
-    model, cfg, tokenizer = load_model(source, **changes)
+    from qtarget_jax.models.loading import load_model
+    # Master weights stay float32; the step casts them to model.compute_dtype. (load_model's
+    # `dtype` is the param dtype, so ModelConfig.dtype cannot be passed through it.)
+    changes.pop("dtype")
+    model, cfg, tokenizer = load_model(source, dtype="float32", **changes)
+    if tokenizer is None and not section.tokenizer:
+        raise ValueError(f"model.source={source}: no tokenizer found; set model.tokenizer")
     if section.tokenizer:
         tokenizer = _tokenizer(section.tokenizer)
     check_vocab(tokenizer, cfg.vocab_size, f"model.source={source}")

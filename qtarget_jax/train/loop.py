@@ -234,7 +234,7 @@ def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: b
     """The final model as an HF folder (the models package's exporter), on process 0."""
     from flax import nnx
 
-    from qtarget_jax.models import export_hf
+    from qtarget_jax.models.export import export_hf
     from jax.experimental import multihost_utils
     params, rest = multihost_utils.process_allgather((state.params, state.rest), tiled=True)
     if lead:

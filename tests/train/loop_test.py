@@ -1,0 +1,157 @@
+"""End-to-end loop on the tiny job: learning, resume == uninterrupted, NaN stop, start-up checks.
+
+In-process runs use the 8 fake CPU devices as data=4 x tensor=2. The SIGKILL / SIGTERM ones run
+train.py in a subprocess (marked slow) and resume in-process.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qtarget_jax import checkpoint as ckpt_lib
+from qtarget_jax.config import load_config
+from qtarget_jax.train import loop
+from qtarget_jax.train.metrics import read_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+JOB = REPO / "configs" / "tiny_test.yaml"
+
+
+def overrides(run_dir, synth_dataset, char_tokenizer, *extra):
+    return (f"run.dir={run_dir}", f"data.path={synth_dataset}", f"model.tokenizer={char_tokenizer}",
+            "mesh.data=4", "mesh.tensor=2", "schedule.kind=constant", "run.steps=12",
+            "checkpoint.every_steps=3", *extra)
+
+
+def run_tiny(*args):
+    return loop.run(load_config(JOB, tuple(args)))
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss; a resumed run appends, the last record of a step wins."""
+    out = {}
+    for rec in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl"):
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synth_dataset, char_tokenizer):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = run_tiny(*overrides(run_dir, synth_dataset, char_tokenizer))
+    return run_dir, summary
+
+
+def test_learns_and_writes_outputs(uninterrupted):
+    run_dir, summary = uninterrupted
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, 13))
+    assert curve[12] < curve[1] - 0.5, curve
+    assert summary["eval_after"]["eval/loss"] < summary["eval_before"]["eval/loss"]
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "tb"):
+        assert (run_dir / name).exists(), name
+    rec = read_jsonl(run_dir / "metrics.jsonl")[0]
+    for key in ("loss", "grad_norm", "lr", "q/gamma", "q/p_y", "q/entropy", "q/kl_q_p",
+                "perf/tokens_per_s"):
+        assert key in rec, key
+    kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [9, 12]  # keep=2 of saves at 3, 6, 9, 12
+    resolved = load_config(run_dir / "config.yaml").config
+    assert resolved == load_config(JOB, overrides(run_dir, "x", "y")).config.__class__(
+        **{**resolved.__dict__}) and resolved.run.steps == 12
+
+
+def test_resume_equals_uninterrupted(tmp_path, uninterrupted, synth_dataset, char_tokenizer):
+    """A run stopped at step 6 and resumed gives the uninterrupted losses for steps 7..12."""
+    args = overrides(tmp_path, synth_dataset, char_tokenizer)
+    first = run_tiny(*args, "run.steps=6")  # constant lr: the same run, cut short
+    assert first["final_step"] == 6
+    second = run_tiny(*args)
+    assert second["start_step"] == 6
+    want, got = losses(uninterrupted[0]), losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good(tmp_path, synth_dataset,
+                                                         char_tokenizer):
+    args = overrides(tmp_path, synth_dataset, char_tokenizer, "optim.lr=1e30",
+                     "optim.clip_norm=null", "checkpoint.every_steps=1", "checkpoint.keep=5")
+    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as err:
+        run_tiny(*args)
+    bad = int(err.value.args[0].split("at step ")[1].split(":")[0])
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == bad - 1, (steps, bad)
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, synth_dataset,
+                                                         char_tokenizer):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = overrides(tmp_path / "run", synth_dataset, char_tokenizer,
+                     f"checkpoint.dir={blocker}/ckpt")
+    with pytest.raises(OSError, match="not writable"):
+        run_tiny(*args)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_disk_too_small_is_a_startup_error(tmp_path):
+    with pytest.raises(OSError, match="GiB free"):
+        ckpt_lib.check_writable(str(tmp_path), need_bytes=1 << 60)
+
+
+def _spawn(run_dir, synth_dataset, char_tokenizer, *extra):
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(JOB),
+           *overrides(run_dir, synth_dataset, char_tokenizer, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _wait_for_lines(path, n, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for metrics")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, uninterrupted,
+                                                          synth_dataset, char_tokenizer):
+    proc = _spawn(tmp_path, synth_dataset, char_tokenizer, "logging.plot=false")
+    _wait_for_lines(tmp_path / "metrics.jsonl", 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2).latest_step()
+    assert latest is not None and 3 <= latest < 12, latest
+    summary = run_tiny(*overrides(tmp_path, synth_dataset, char_tokenizer))
+    assert summary["start_step"] == latest
+    want, got = losses(uninterrupted[0]), losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_dataset, char_tokenizer):
+    proc = _spawn(tmp_path, synth_dataset, char_tokenizer, "run.steps=200",
+                  "checkpoint.every_steps=1000")
+    _wait_for_lines(tmp_path / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stop_signal"] == "SIGTERM"
+    stopped = summary["final_step"]
+    assert 2 <= stopped < 200
+    latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2).latest_step()
+    assert latest == stopped
