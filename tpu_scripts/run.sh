@@ -34,8 +34,11 @@ done
   qt_die "--config $config: no such file in $QT_REPO_ROOT (give a path relative to the repo)"
 
 ckpt_dir=gs://$GCS_BUCKET/runs/$RUN_NAME/checkpoints
-remote=$(qt_quote bash "$(qt_remote_script launch.sh)" "$config" "run.dir=runs/$RUN_NAME" \
-  "checkpoint.dir=$ckpt_dir" ${overrides[@]+"${overrides[@]}"})
+# A retried ssh (one worker unreachable) re-sends the same id: workers that already started
+# this launch keep their run, the others start it. QT_LAUNCH_ID pins it (tests).
+launch_id=${QT_LAUNCH_ID:-$(date -u +%Y%m%dT%H%M%SZ)-$$}
+remote=$(qt_quote bash "$(qt_remote_script launch.sh)" --launch-id "$launch_id" "$config" \
+  "run.dir=runs/$RUN_NAME" "checkpoint.dir=$ckpt_dir" ${overrides[@]+"${overrides[@]}"})
 qt_ssh all "$remote"
 qt_log "launched on all workers of $TPU_NAME; checkpoints in $ckpt_dir"
 qt_log "follow with: tpu_scripts/logs.sh --follow   (all workers: tpu_scripts/logs.sh)"

@@ -44,6 +44,7 @@ def run_script(tmp_path: pathlib.Path, fake_gcloud: FakeGcloud):
             "QT_RETRY_SLEEP_S": "0",
             "QT_POLL_S": "0",
             "QT_STAGE_DIR": str(stage),
+            "QT_LAUNCH_ID": "L1",
             "LC_ALL": "C",
         }
         full_env.update(env or {})

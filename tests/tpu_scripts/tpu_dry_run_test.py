@@ -45,7 +45,7 @@ EXPECTED = {
         ],
         ("run", ("--config", CONFIG, "run.steps=20", "optim.lr=3e-5")): [
             f"{V5E_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-            f"{CONFIG} run.dir=runs/qt-v5e-8 "
+            f"--launch-id L1 {CONFIG} run.dir=runs/qt-v5e-8 "
             "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints run.steps=20 optim.lr=3e-5'",
         ],
         ("logs", ()): [
@@ -83,7 +83,7 @@ EXPECTED = {
         ],
         ("run", ("--config", CONFIG, "mesh.fsdp=-1", "mesh.data=1")): [
             f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-            f"{CONFIG} run.dir=runs/llama3-8b-sft "
+            f"--launch-id L1 {CONFIG} run.dir=runs/llama3-8b-sft "
             "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints "
             "mesh.fsdp=-1 mesh.data=1'",
         ],
@@ -136,7 +136,7 @@ def test_relaunch_dry_run_is_delete_create_sync_setup_run_in_order(settings_file
     sync = [line.replace("qt-v5e-8", "qt-v5p-64").replace(V5E_WHERE, V5P_WHERE)
             .replace("{stage}", str(run_script.stage)) for line in EXPECTED["v5e-8"][("sync", ())]]
     run = [f"{V5P_SSH} '--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-           f"{CONFIG} run.dir=runs/llama3-8b-sft "
+           f"--launch-id L1 {CONFIG} run.dir=runs/llama3-8b-sft "
            "checkpoint.dir=gs://qt-bucket/runs/llama3-8b-sft/checkpoints'"]
     assert lines == [V5P_DESCRIBE, table[("delete", ())][1]] + table[("create", ())] + sync + \
         table[("setup", ())] + run
@@ -149,7 +149,7 @@ def test_watch_dry_run_shows_one_relaunch(settings_file, run_script):
     lines = dry_lines(proc)
     assert lines[0] == V5E_DESCRIBE
     assert sum("tpu-vm create qt-v5e-8" in line for line in lines) == 1
-    assert lines[-1].endswith(f"launch.sh {CONFIG} run.dir=runs/qt-v5e-8 "
+    assert lines[-1].endswith(f"launch.sh --launch-id L1 {CONFIG} run.dir=runs/qt-v5e-8 "
                               "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints'")
     assert "relaunch 1/20" in proc.stderr
 

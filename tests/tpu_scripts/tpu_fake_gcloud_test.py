@@ -157,7 +157,7 @@ def test_run_quotes_overrides_for_the_remote_shell(settings_file, run_script, fa
     assert proc.returncode == 0, proc.stderr
     (call,) = fake_gcloud.calls()
     assert call[-1] == ("--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-                        f"{CONFIG} run.dir=runs/qt-v5e-8 "
+                        f"--launch-id L1 {CONFIG} run.dir=runs/qt-v5e-8 "
                         "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints "
                         "'data.path=gs://b/my data' 'loss.target={preset: tsft}'")
 
@@ -178,7 +178,7 @@ def test_preempted_spot_vm_is_relaunched_and_resumes(settings_file, run_script, 
                         "--zone=us-west4-a", "--quiet"]
     assert calls[4] == V5E_CREATE
     assert calls[-1][-1] == ("--command=bash qtarget-jax/tpu_scripts/remote/launch.sh "
-                             f"{CONFIG} run.dir=runs/qt-v5e-8 "
+                             f"--launch-id L1 {CONFIG} run.dir=runs/qt-v5e-8 "
                              "checkpoint.dir=gs://qt-bucket/runs/qt-v5e-8/checkpoints "
                              "run.steps=1000")
     assert "qt-v5e-8 is PREEMPTED: relaunch 1/20" in proc.stderr

@@ -1,6 +1,7 @@
 """The worker-side scripts (tpu_scripts/remote/) run for real on this machine, in a fake code
-folder whose `.venv/bin/python` stands in for train.py: launch detaches, status reports,
-a second launch is refused, stop sends SIGTERM (the run checkpoints) and records "stopped"."""
+folder whose `.venv/bin/python` stands in for train.py: launch detaches, status reports, a
+retried launch is a no-op, another launch is refused, stop sends SIGTERM (the run checkpoints)
+and records "stopped"."""
 from __future__ import annotations
 
 import os
@@ -65,7 +66,8 @@ def _wait_for(path: pathlib.Path, timeout_s: float = 20) -> str:
 
 @pytest.mark.parametrize("fake_train,status", [("exit 0", "finished 0"), ("exit 3", "failed 3")])
 def test_launch_records_how_the_run_ended(fake_train, status, worker):
-    proc = worker("launch.sh", "configs/job.yaml", "run.steps=3", fake_train=fake_train)
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml", "run.steps=3",
+                  fake_train=fake_train)
     assert proc.returncode == 0, proc.stderr
     assert "started pid" in proc.stdout
     _wait_for(worker.logs / "exit_code")
@@ -76,12 +78,17 @@ def test_launch_records_how_the_run_ended(fake_train, status, worker):
 
 
 def test_launch_status_refuse_stop(worker):
-    proc = worker("launch.sh", "configs/job.yaml")
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml")
     assert proc.returncode == 0, proc.stderr
     pid = _wait_for(worker.logs / "train.pid")
     assert worker("train_status.sh").stdout.strip() == f"running {pid}"
 
-    again = worker("launch.sh", "configs/job.yaml")
+    retry = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml")  # run.sh's ssh retry
+    assert retry.returncode == 0, retry.stderr
+    assert f"launch L1 already started here (pid {pid})" in retry.stdout
+    assert worker.logs.joinpath("train.pid").read_text().strip() == pid
+
+    again = worker("launch.sh", "--launch-id", "L2", "configs/job.yaml")  # a new run.sh
     assert again.returncode == 3
     assert f"a run is still going (pid {pid}): stop.sh first" in again.stderr
 
@@ -101,11 +108,11 @@ def test_status_and_stop_when_nothing_ran(worker):
 
 
 def test_launch_without_setup_or_config_fails_clearly(worker):
-    proc = worker("launch.sh", "configs/missing.yaml")
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/missing.yaml")
     assert proc.returncode == 2
     assert "config 'configs/missing.yaml' not found" in proc.stderr
     shutil.rmtree(worker.code / ".venv")
-    proc = worker("launch.sh", "configs/job.yaml")
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml")
     assert proc.returncode == 2
     assert "run tpu_scripts/setup.sh first" in proc.stderr
 
@@ -125,7 +132,7 @@ def test_setup_worker_needs_synced_code(tmp_path):
 ])
 def test_multi_host_launch_points_jax_distributed_at_worker_0(endpoints, coordinator, worker):
     worker.endpoints.write_text(endpoints)
-    proc = worker("launch.sh", "configs/job.yaml", fake_train="exit 0")
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml", fake_train="exit 0")
     assert proc.returncode == 0, proc.stderr
     assert f"coordinator {coordinator}" in proc.stdout
     _wait_for(worker.logs / "exit_code")
@@ -134,6 +141,6 @@ def test_multi_host_launch_points_jax_distributed_at_worker_0(endpoints, coordin
 
 def test_launch_off_a_tpu_vm_fails_clearly(worker):
     worker.endpoints.unlink()
-    proc = worker("launch.sh", "configs/job.yaml")
+    proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml")
     assert proc.returncode == 2
     assert "cannot read file://" in proc.stderr and "not a Cloud TPU VM?" in proc.stderr

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # launch.sh: runs ON each TPU worker (run.sh starts it with --worker=all, all workers at once).
-# Refuses when a run started by it is still alive, frees the TPU (free_tpu.sh), then starts
+# Refuses when an earlier run is still alive (a retry of the same launch, same --launch-id, is
+# a no-op on the workers where it already started), frees the TPU (free_tpu.sh), then starts
 # train_wrapper.sh detached (setsid nohup) so the ssh session can end. jax.distributed finds
 # the other workers from the TPU environment (JAX_COORDINATOR_ADDRESS = worker 0 on a multi-host
 # slice). Output: $HOME/qtarget-logs/train.log (appended).
 #
-# Usage: bash REMOTE_DIR/tpu_scripts/remote/launch.sh CONFIG [key=value ...]
-# Example Usage: bash qtarget-jax/tpu_scripts/remote/launch.sh configs/x.yaml run.steps=10
+# Usage: bash REMOTE_DIR/tpu_scripts/remote/launch.sh --launch-id ID CONFIG [key=value ...]
+# Example Usage: bash qtarget-jax/tpu_scripts/remote/launch.sh --launch-id 1 configs/x.yaml
 
 set -euo pipefail
-(($# >= 1)) || {
-  echo "usage: $0 CONFIG [key=value ...]" >&2
+if (($# < 3)) || [[ $1 != --launch-id ]]; then
+  echo "usage: $0 --launch-id ID CONFIG [key=value ...]" >&2
   exit 2
-}
+fi
+launch_id=$2
+shift 2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 code_dir=$(cd "$here/../.." && pwd)
 log_dir=${QT_LOG_DIR:-$HOME/qtarget-logs}
@@ -28,6 +31,10 @@ mkdir -p "$log_dir"
 if [[ -f $log_dir/train.pid ]]; then
   pid=$(cat "$log_dir/train.pid")
   if kill -0 "$pid" 2>/dev/null; then
+    if [[ $(cat "$log_dir/launch_id" 2>/dev/null) == "$launch_id" ]]; then
+      echo "[launch] $(hostname): launch $launch_id already started here (pid $pid)"
+      exit 0
+    fi
     echo "ERROR [launch]: $(hostname): a run is still going (pid $pid): stop.sh first" >&2
     exit 3
   fi
@@ -48,6 +55,7 @@ if ((${#workers[@]} > 1)); then
 fi
 bash "$here/free_tpu.sh"
 rm -f "$log_dir/exit_code" "$log_dir/train.pid"
+echo "$launch_id" >"$log_dir/launch_id"
 setsid nohup bash "$here/train_wrapper.sh" "$@" >>"$log_dir/train.log" 2>&1 </dev/null &
 # The wrapper writes its own pid (setsid may fork): wait for it so status/stop can find it.
 for ((i = 0; i < 100; i++)); do
