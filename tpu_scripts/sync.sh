@@ -18,6 +18,7 @@ qt_run tar -czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./runs \
   --exclude=./data_cache --exclude=./tpu_scripts/settings.env --exclude=__pycache__ \
   --exclude=.pytest_cache --exclude=.hypothesis --exclude='*.egg-info' -C "$QT_REPO_ROOT" .
 qt_scp "$tarball" qtarget-code.tar.gz
-qt_ssh all "mkdir -p $REMOTE_DIR && find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv \
-! -name runs -exec rm -rf {} + && tar -xzf qtarget-code.tar.gz -C $REMOTE_DIR && rm qtarget-code.tar.gz"
+clean="find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name runs -exec rm -rf {} +"
+qt_ssh all "mkdir -p $REMOTE_DIR && $clean && tar -xzf qtarget-code.tar.gz -C $REMOTE_DIR \
+&& rm qtarget-code.tar.gz"
 qt_log "code synced to $REMOTE_DIR on every worker of $TPU_NAME"
