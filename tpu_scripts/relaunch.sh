@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # relaunch.sh: bring a lost (preempted / suspended) TPU back and resume the run: delete.sh,
 # create.sh, sync.sh, setup.sh, run.sh in that order, with the same settings. train.py resumes
-# from the latest checkpoint in gs://GCS_BUCKET/runs/RUN_NAME (checkpoint.resume=true).
+# from the latest checkpoint in gs://GCS_BUCKET/runs/RUN_NAME/checkpoints (checkpoint.resume).
 #
 # Usage: tpu_scripts/relaunch.sh [--settings FILE] [--dry-run] --config CONFIG [key=value ...]
 # Example Usage: tpu_scripts/relaunch.sh --config configs/tpu_v5p_llama3_8b.yaml

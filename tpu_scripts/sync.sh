@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# sync.sh: copy the working tree (tracked and untracked files, minus .git, .venv, runs/ and
-# caches) to REMOTE_DIR on every worker. Files deleted locally are deleted there too; the
+# sync.sh: copy the working tree (every file but .git, .venv, runs/, data_cache/, caches and
+# tpu_scripts/settings.env) to REMOTE_DIR on every worker. Files deleted locally are deleted there too; the
 # remote .venv and runs/ are kept. Run it before setup.sh and after every local change.
 #
 # Usage: tpu_scripts/sync.sh [--settings FILE] [--dry-run]
