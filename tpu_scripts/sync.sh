@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # sync.sh: copy the working tree (every file but .git, .venv, runs/, data_cache/, caches and
-# tpu_scripts/settings.env) to REMOTE_DIR on every worker. Files deleted locally are deleted there too; the
-# remote .venv and runs/ are kept. Run it before setup.sh and after every local change.
+# tpu_scripts/settings.env) to REMOTE_DIR on every worker. Files deleted locally are deleted
+# there too; the remote .venv and runs/ are kept. Run it before setup.sh and after every local
+# change.
 #
 # Usage: tpu_scripts/sync.sh [--settings FILE] [--dry-run]
 # Example Usage: tpu_scripts/sync.sh --settings tpu_scripts/v5p-64.env
