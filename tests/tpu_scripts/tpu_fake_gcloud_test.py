@@ -2,6 +2,8 @@
 re-runs, retries of flaky ssh, preemption detected and relaunched, clear errors."""
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 from tpu_helpers import V5E_8, V5P_64
 
@@ -134,7 +136,6 @@ def test_sync_tars_the_tree_and_copies_it_to_every_worker(settings_file, run_scr
                    "qt-v5e-8:qtarget-code.tar.gz", "--project=qt-proj", "--zone=us-west4-a",
                    "--worker=all", "--quiet"]
     assert ssh[:9] == V5E_SSH + ["--worker=all", "--quiet"]
-    import tarfile
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
     assert "./tpu_scripts/remote/launch.sh" in names and "./pyproject.toml" in names
