@@ -257,6 +257,26 @@ def _make_sharded(source, cfg, entries, stacked, shape, dtype, sharding) -> jax.
     return jax.make_array_from_callback(shape, sharding, callback)
 
 
+def _hf_layout(cfg: ModelConfig, paths) -> list[tuple[str, Rule, str, int | None]]:
+    """(HF name, rule, our path, stacked row) for every HF tensor a model with `paths` has."""
+    out = []
+    for rule in RULES:
+        layers = range(cfg.num_layers) if "{i}" in rule.hf else [None]
+        for layer in layers:
+            path, row = _our_path(rule, layer, cfg)
+            if path in paths:
+                name = rule.hf if layer is None else rule.hf.replace("{i}", str(layer))
+                out.append((name, rule, path, row))
+    return out
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that a checkpoint of `cfg` holds (tied: no lm_head.weight)."""
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    paths = {_path_str(p) for p, _ in nnx.to_flat_state(nnx.state(abstract))}
+    return {name: _dims(cfg, rule.hf_shape) for name, rule, _, _ in _hf_layout(cfg, paths)}
+
+
 def export_params(model: Decoder, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
     """HF-named numpy arrays of `model` (the exact inverse of load_params; bit-exact for fp32).
 
@@ -266,16 +286,9 @@ def export_params(model: Decoder, cfg: ModelConfig | None = None) -> dict[str, n
     values = {_path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
-    for rule in RULES:
-        layers = range(cfg.num_layers) if "{i}" in rule.hf else [None]
-        for layer in layers:
-            path, row = _our_path(rule, layer, cfg)
-            if path not in values:
-                continue
-            used.add(path)
-            x = values[path] if row is None else values[path][row]
-            name = rule.hf if layer is None else rule.hf.replace("{i}", str(layer))
-            out[name] = ours_to_hf(rule, cfg, x)
+    for name, rule, path, row in _hf_layout(cfg, values):
+        used.add(path)
+        out[name] = ours_to_hf(rule, cfg, values[path] if row is None else values[path][row])
     leftover = sorted(set(values) - used)
     if leftover:
         raise ValueError(f"export_params: params with no HF rule: {leftover}")

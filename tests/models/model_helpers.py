@@ -71,3 +71,23 @@ def assert_rel_close(got, want, rel: float = 1e-4, msg: str = "") -> None:
     assert got.shape == want.shape, f"{msg}: shapes {got.shape} vs {want.shape}"
     err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
     assert err <= rel, f"{msg}: relative error {err:.3e} > {rel:.0e}"
+
+
+def random_hf_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random HF-named fp32 weights for cfg (norm scales near 1, others N(0, 0.2^2))."""
+    from qtarget_jax.models.params import expected_hf_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_hf_shapes(cfg).items():
+        noise = 0.2 * rng.standard_normal(shape).astype(np.float32)
+        out[name] = (1.0 + noise) if name.endswith("norm.weight") else noise
+    return out
+
+
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """A Decoder with random_hf_weights, built via load_params (much cheaper than an eager
+    Decoder init, which compiles one random op per parameter shape)."""
+    from qtarget_jax.models.params import DictSource, load_params
+
+    return load_params(cfg, DictSource(random_hf_weights(cfg, seed)))

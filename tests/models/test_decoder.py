@@ -1,0 +1,193 @@
+"""Behaviour of the Decoder without a reference model: scan == loop, remat == no remat (logits
+and grads), causality / segment isolation / sliding window through gradients, KV cache ==
+full forward (incl. left padding), hidden states, bf16, call-time errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model_helpers import random_model, tiny_config
+from qtarget_jax.models import Decoder
+from qtarget_jax.models.params import DictSource, export_params, load_params
+
+T = 10
+
+
+def _tokens(cfg, b=2, t=T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)),
+                       jnp.int32)
+
+
+def _same_weights(model, cfg):
+    """`model`'s weights in a Decoder built from `cfg` (e.g. other scan/remat setting)."""
+    return load_params(cfg, DictSource(export_params(model)))
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
+def _loss_grads(model, tokens):
+    """Gradients (a list of arrays) of a fixed random linear function of the logits."""
+    graphdef, params = nnx.split(model)
+    w = jax.random.normal(jax.random.key(1), tokens.shape + (model.cfg.vocab_size,))
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p)(tokens) * w)
+
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+
+@pytest.mark.parametrize("family", ["qwen3_qk_norm", "qwen2_bias"])
+def test_scan_equals_loop(family):
+    loop = random_model(tiny_config(family))
+    scan = _same_weights(loop, tiny_config(family, scan_layers=True))
+    assert scan.layers.attn.q_proj.shape[0] == 2, "scan params must be stacked on a layers axis"
+    tokens = _tokens(loop.cfg)
+    chex.assert_trees_all_close(_forward(scan, tokens), _forward(loop, tokens),
+                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan,policy", [(False, "full"), (True, "dots_saveable")])
+def test_remat_equals_no_remat(scan, policy):
+    base = random_model(tiny_config("llama3_rope_scaling", scan_layers=scan))
+    remat = _same_weights(base, base.cfg.replace(remat_policy=policy))
+    tokens = _tokens(base.cfg)
+    chex.assert_trees_all_close(_forward(remat, tokens), _forward(base, tokens),
+                                rtol=1e-6, atol=1e-6)
+    # Gradients reach |g| ~ 10 here; recomputation may reorder float32 sums.
+    chex.assert_trees_all_close(_loss_grads(remat, tokens), _loss_grads(base, tokens),
+                                rtol=1e-4, atol=1e-4)
+
+
+def _embedding_grad_rows(model, tokens, segments, ts):
+    """For each t in ts: |d sum(logits[0, t]) / d embedding row of the token at each
+    position of row 0|, summed over D -> list of [T] arrays (tokens must be distinct)."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def grad_at(p, t):
+        out = lambda q: jnp.take(nnx.merge(graphdef, q)(tokens, segment_ids=segments)[0],
+                                 t, axis=0).sum()
+        return jax.grad(out)(p)["embedder"]["embedding"][...]
+
+    return [np.abs(np.asarray(grad_at(params, t))[np.asarray(tokens[0])]).sum(-1)
+            for t in ts]
+
+
+def test_causality_and_segments():
+    cfg = tiny_config("qwen2_bias")                    # untied: the head uses no embedding row
+    model = random_model(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).permutation(cfg.vocab_size)[None, :T])
+    ones = jnp.ones((1, T), jnp.int32)
+    ts = (0, 4, T - 1)
+    for t, rows in zip(ts, _embedding_grad_rows(model, tokens, ones, ts)):
+        assert (rows[t + 1:] == 0).all(), f"logit at {t} depends on later tokens: {rows}"
+        assert (rows[:t + 1] > 0).all(), f"logit at {t} ignores earlier tokens: {rows}"
+    segments = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
+    rows, = _embedding_grad_rows(model, tokens, segments, [T - 1])
+    assert (rows[:4] == 0).all() and (rows[4:] > 0).all(), f"segments leak: {rows}"
+
+
+def test_sliding_window_receptive_field():
+    cfg = tiny_config("mistral_window")                # window 4, 2 layers: sees t-6 .. t
+    model = random_model(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).permutation(cfg.vocab_size)[None, :T])
+    rows, = _embedding_grad_rows(model, tokens, jnp.ones((1, T), jnp.int32), [T - 1])
+    span = 2 * (cfg.sliding_window - 1)
+    assert (rows[:T - 1 - span] == 0).all(), f"window leaks: {rows}"
+    assert (rows[T - 1 - span:] > 0).all(), f"window too small: {rows}"
+
+
+@pytest.mark.parametrize("family,scan", [("mistral_window", False), ("qwen2_bias", True)])
+def test_cache_equals_full_forward(family, scan):
+    """Left-padded prefill then token-by-token decode (jitted) == each row run alone."""
+    cfg = tiny_config(family, scan_layers=scan)
+    model = random_model(cfg)
+    tokens = _tokens(cfg, b=2, t=T, seed=3)
+    lengths, n0 = [T, T - 3], 6                        # row 1 is left-padded by 3 slots
+    left = np.zeros((2, T), np.int32)
+    segs, pos = np.zeros_like(left), np.zeros_like(left)
+    for row, n in enumerate(lengths):
+        left[row, T - n:] = tokens[row, :n]
+        segs[row, T - n:] = 1
+        pos[row, T - n:] = np.arange(n)
+    step = nnx.jit(lambda m, t, p, s, c: m(t, p, s, cache=c))
+    cache = model.init_cache(2, T + 2)                 # two slots stay empty
+    logits0, cache = step(model, left[:, :n0], pos[:, :n0], segs[:, :n0], cache)
+    outs = [logits0]
+    for i in range(n0, T):
+        logits_i, cache = step(model, left[:, i:i + 1], pos[:, i:i + 1], segs[:, i:i + 1],
+                               cache)
+        outs.append(logits_i)
+    got = jnp.concatenate(outs, axis=1)
+    chex.assert_tree_all_finite(got)
+    for row, n in enumerate(lengths):
+        want = _forward(model, tokens[row:row + 1, :n])[0]
+        chex.assert_trees_all_close(got[row, T - n:], want, rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == T
+
+
+def test_cache_errors():
+    cfg = tiny_config("smollm2_tied")
+    model = random_model(cfg)
+    tokens = _tokens(cfg, b=1, t=4)
+    pos = jnp.arange(4)[None]
+    with pytest.raises(ValueError, match="positions are required"):
+        model(tokens, cache=model.init_cache(1, 8))
+    with pytest.raises(ValueError, match="overflow"):
+        model(tokens, pos, cache=model.init_cache(1, 3))
+    with pytest.raises(ValueError, match=r"positions shape \(1, 3\) != tokens shape \(1, 4\)"):
+        model(tokens, pos[:, :3])
+
+
+def test_hidden_states_and_head():
+    cfg = tiny_config("qwen3_qk_norm")
+    model = random_model(cfg)
+    tokens = _tokens(cfg)
+    hidden = nnx.jit(lambda m, t: m(t, return_hidden=True))(model, tokens)
+    chex.assert_shape(hidden, (2, T, cfg.hidden_size))
+    chex.assert_shape(model.lm_head_kernel(), (cfg.hidden_size, cfg.vocab_size))
+    chex.assert_trees_all_close(hidden @ model.lm_head_kernel(), _forward(model, tokens),
+                                rtol=1e-5, atol=1e-5)
+
+
+def test_padding_rows_are_finite():
+    cfg = tiny_config("llama3_rope_scaling")
+    model = random_model(cfg)
+    segments = jnp.asarray([[1] * T, [0] * T], jnp.int32)
+    chex.assert_tree_all_finite(nnx.jit(lambda m, t, s: m(t, segment_ids=s))(
+        model, _tokens(cfg), segments))
+
+
+def test_bfloat16_close_to_float32():
+    f32 = random_model(tiny_config("qwen2_bias"))
+    bf16 = _same_weights(f32, f32.cfg.replace(param_dtype="bfloat16", dtype="bfloat16"))
+    assert bf16.embedder.embedding[...].dtype == jnp.bfloat16
+    tokens = _tokens(f32.cfg)
+    got, want = _forward(bf16, tokens), _forward(f32, tokens)
+    chex.assert_type(got, jnp.float32)
+    chex.assert_tree_all_finite(got)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 5e-2
+    chex.assert_type(nnx.jit(lambda m, t: m(t, return_hidden=True))(bf16, tokens), jnp.bfloat16)
+
+
+def test_init_shapes_dtypes_and_axes():
+    """Decoder's own init: stacked shapes, param dtype and logical axes (abstractly), then one
+    small real random init gives finite logits."""
+    cfg = tiny_config("qwen2_bias", scan_layers=True, param_dtype="bfloat16")
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    attn = model.layers.attn
+    assert attn.q_proj.shape == (2, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+    assert attn.q_proj.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
+    assert attn.k_bias.get_metadata()["out_sharding"] == ("layers", "kv_heads", "head_dim")
+    assert model.lm_head.get_metadata()["out_sharding"] == ("embed", "vocab")
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        assert var.dtype == jnp.bfloat16, path
+        assert var.get_metadata().get("out_sharding"), f"{path} has no logical axes"
+    small = tiny_config("smollm2_tied", num_layers=1)
+    real = Decoder(small, rngs=nnx.Rngs(0))
+    chex.assert_tree_all_finite(_forward(real, _tokens(small)))
