@@ -56,11 +56,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
                tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
                compute_dtype: Any, param_shardings: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step over a global batch of [B, T] arrays (see module docstring)."""
-    teacher = (None if state.teacher is None else
-               nnx.merge(graphdef, _cast(state.teacher, compute_dtype), state.rest))
-
     def micro_loss(params, mb):
+        # Modules are merged inside the differentiated function: nnx refuses graph nodes
+        # created at another trace level (the teacher is frozen: it gets no gradient).
         model = nnx.merge(graphdef, _cast(params, compute_dtype), state.rest)
+        teacher = (None if state.teacher is None else
+                   nnx.merge(graphdef, _cast(state.teacher, compute_dtype), state.rest))
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
