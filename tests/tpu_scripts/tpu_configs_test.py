@@ -4,16 +4,13 @@ of their memory estimates) match the model built abstractly (no weights, no devi
 from __future__ import annotations
 
 import math
-import pathlib
-import shutil
 
 import jax
 import pytest
-import yaml
 from flax import nnx
 from tpu_helpers import REPO
 
-from qtarget_jax.config import CONFIG_DIR, load_config
+from qtarget_jax.config import load_config
 from qtarget_jax.models import Decoder, ModelConfig
 from qtarget_jax.models.sharding import param_shardings
 from qtarget_jax.targets import spec_from_dict
@@ -26,24 +23,15 @@ JOBS = {
 }
 
 
-def _load(job: str, tmp_path: pathlib.Path):
-    """load_config on the job. configs/models/<model.name>.yaml is used when it exists; when
-    it does not (yet), an empty stand-in is written in a copy of configs/, so that this test
-    checks the job's own keys. A real run needs the real file (load_config names it)."""
-    path = REPO / "configs" / f"{job}.yaml"
-    name = yaml.safe_load(path.read_text())["model"]["name"]
-    config_dir = CONFIG_DIR
-    if not (CONFIG_DIR / "models" / f"{name}.yaml").is_file():
-        config_dir = tmp_path / "configs"
-        shutil.copytree(CONFIG_DIR, config_dir)
-        (config_dir / "models" / f"{name}.yaml").write_text("model: {}\n")
-    return load_config(path, (), config_dir=config_dir).config
+def _load(job: str):
+    """The job resolved exactly as `train.py --config configs/<job>.yaml` resolves it."""
+    return load_config(REPO / "configs" / f"{job}.yaml").config
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
-def test_job_config_loads_and_divides(job, tmp_path):
+def test_job_config_loads_and_divides(job):
     devices, preset, _ = JOBS[job]
-    cfg = _load(job, tmp_path)
+    cfg = _load(job)
     assert spec_from_dict(dict(cfg.loss.target)).name == "target_sft"
     assert cfg.model.compute_dtype == "bfloat16" and cfg.model.remat == "full"
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 1)
@@ -55,9 +43,9 @@ def test_job_config_loads_and_divides(job, tmp_path):
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
-def test_every_param_shards_on_the_intended_mesh(job, tmp_path):
+def test_every_param_shards_on_the_intended_mesh(job):
     devices, preset, params_in_comment = JOBS[job]
-    cfg = _load(job, tmp_path)
+    cfg = _load(job)
     model_cfg = preset(**cfg.model.config)
     abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
     n_params = sum(math.prod(v.shape)
