@@ -4,7 +4,7 @@
 `AutoModelForCausalLM.from_pretrained(folder)` / `AutoTokenizer.from_pretrained(folder)` read:
 
     folder/
-      model.safetensors            (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+      model.safetensors            (or model-0000k-of-0000n.safetensors + .index.json when big)
       config.json                  ModelConfig.to_hf_config() + the tokenizer's special token ids
       generation_config.json       bos / eos / pad token ids
       tokenizer.json, tokenizer_config.json, chat_template.jinja   (when a tokenizer is given)

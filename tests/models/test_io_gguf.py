@@ -109,3 +109,21 @@ def test_smollm2_file_maps_completely():
     assert cfg["tie_word_embeddings"] and cfg["rms_norm_eps"] == 1e-5
     assert src.quant_type("model.layers.0.mlp.up_proj.weight") == "Q4_1"
     assert src.shape("model.layers.0.self_attn.k_proj.weight") == (192, 576)
+
+
+def q4_1_reference(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Independent Q4_1 decode (ggml `block_q4_1`: f16 d, f16 m, 16 bytes of nibbles per 32
+    values; value j = (low nibble of byte j) * d + m, value j + 16 = (high nibble) * d + m)."""
+    blocks = raw.reshape(rows * cols // 32, 20)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    qs = blocks[:, 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+    return (q * d + m).reshape(rows, cols)
+
+
+def test_smollm2_q4_1_dequant_matches_reference():
+    src = GGUFSource(gguf_io.default_model_path())
+    name = "model.layers.3.mlp.up_proj.weight"  # Q4_1 [F, D] = [1536, 576], not permuted
+    raw = next(t for t in src.reader.tensors if t.name == "blk.3.ffn_up.weight").data
+    np.testing.assert_array_equal(src.read(name), q4_1_reference(np.asarray(raw), 1536, 576))
