@@ -2,10 +2,10 @@
 
 Each `Rule` says: HF tensor `hf` (with `{i}` = layer) of HF shape `hf_shape` becomes our param
 `ours` of shape `our_shape` by (transpose if `transpose`) then reshape; export is the exact
-inverse. Shapes are tuples of ModelConfig attribute names. The regex each template stands for is
-derived from it (`{i}` -> `([0-9]+)`), e.g. r"model\\.layers\\.([0-9]+)\\.self_attn\\.q_proj\\.weight"
--> "layers.\\1.attn.q_proj". With cfg.scan_layers, `layers.{i}.X` is row i of the stacked
-param `layers.X`.
+inverse. Shapes are tuples of ModelConfig attribute names. Each template's regex is derived
+from it (`{i}` -> `([0-9]+)`), e.g.
+    r"model\\.layers\\.([0-9]+)\\.self_attn\\.q_proj\\.weight" -> "layers.\\1.attn.q_proj".
+With cfg.scan_layers, `layers.{i}.X` is row i of the stacked param `layers.X`.
 
 `TensorSource` is what the file readers (hf_io.py, gguf_io.py) implement; a dict of numpy arrays
 wrapped in `DictSource` is one.

@@ -191,3 +191,15 @@ def test_init_shapes_dtypes_and_axes():
     small = tiny_config("smollm2_tied", num_layers=1)
     real = Decoder(small, rngs=nnx.Rngs(0))
     chex.assert_tree_all_finite(_forward(real, _tokens(small)))
+
+
+@pytest.mark.parametrize("scan,policy,remats,scans", [
+    (False, "none", 0, 0), (False, "full", 2, 0), (True, "none", 0, 1),
+    (True, "dots_saveable", 1, 1)])
+def test_jaxpr_has_remat_per_layer_and_one_scan(scan, policy, remats, scans):
+    """remat wraps each layer (once inside the scan body); scan_layers gives one scan."""
+    model = random_model(tiny_config("qwen2_bias", scan_layers=scan, remat_policy=policy))
+    graphdef, params = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((1, 4), jnp.int32)))(
+        params))
+    assert (jaxpr.count("remat"), jaxpr.count("scan[")) == (remats, scans)

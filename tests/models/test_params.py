@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from model_helpers import random_hf_weights, tiny_config
