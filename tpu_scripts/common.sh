@@ -35,6 +35,9 @@ QT_REST=()
 # Dry-run lines go to fd 3 (the script's stdout) so they show even inside $(...) captures.
 exec 3>&1
 
+# Ctrl-C stops the script, never just the current gcloud call (which qt_retry would retry).
+trap 'echo "[$QT_SCRIPT_NAME] interrupted" >&2; exit 130' INT
+
 # Settings keys: required ones have no default.
 QT_REQUIRED_KEYS=(PROJECT ZONE ACCELERATOR_TYPE RUNTIME_VERSION TPU_NAME GCS_BUCKET)
 declare -A QT_DEFAULTS=(

@@ -33,11 +33,12 @@ def settings_file(tmp_path: pathlib.Path):
 @pytest.fixture
 def run_script(tmp_path: pathlib.Path, fake_gcloud: FakeGcloud):
     """Runs tpu_scripts/NAME.sh with the fake gcloud first on PATH, no sleeping, and the local
-    staging folder in tmp_path. Returns the CompletedProcess (text, never raises)."""
+    staging folder in tmp_path. Returns the CompletedProcess (text, never raises), or with
+    background=True the running Popen (own process group)."""
     stage = tmp_path / "stage"
 
-    def run(name: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            background: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
         full_env = {
             "PATH": f"{fake_gcloud.dir}:/usr/bin:/bin",
             "HOME": str(tmp_path),
@@ -48,6 +49,10 @@ def run_script(tmp_path: pathlib.Path, fake_gcloud: FakeGcloud):
             "LC_ALL": "C",
         }
         full_env.update(env or {})
+        if background:  # its own process group, so a test can Ctrl-C it like a terminal
+            return subprocess.Popen(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=full_env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=tmp_path, start_new_session=True)
         return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=full_env,
                               capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     run.stage = stage

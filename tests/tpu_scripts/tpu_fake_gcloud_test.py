@@ -2,7 +2,10 @@
 re-runs, retries of flaky ssh, preemption detected and relaunched, clear errors."""
 from __future__ import annotations
 
+import os
+import signal
 import tarfile
+import time
 
 import pytest
 from tpu_helpers import V5E_8, V5P_64
@@ -150,6 +153,26 @@ def test_logs_fetches_one_file_per_worker(settings_file, run_script, fake_gcloud
         "--worker=all", "--quiet", "--command=tail -n 50 qtarget-logs/train.log",
         f"--output-directory={out}"]]
     assert sorted(p.name for p in out.iterdir()) == ["0.log", "1.log"]
+
+
+def test_ctrl_c_stops_the_script_not_just_one_ssh_attempt(settings_file, run_script,
+                                                          fake_gcloud):
+    proc = run_script("logs", "--settings", str(settings_file(V5E_8)), "--follow",
+                      background=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (fake_gcloud.dir / "following").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "--follow never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "[logs] interrupted" in stderr
+    assert len(fake_gcloud.calls()) == 1, "an interrupted ssh must not be retried"
 
 
 def test_run_quotes_overrides_for_the_remote_shell(settings_file, run_script, fake_gcloud):

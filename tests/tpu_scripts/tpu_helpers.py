@@ -79,6 +79,12 @@ case ${4:-} in
     fi
     for a in "$@"; do
       case $a in
+        --command=*tail*-F*)  # logs --follow: stream until Ctrl-C, exit 1 like gcloud does
+          touch "$d/following"
+          sleep 30 &
+          trap 'kill $!; exit 1' INT
+          wait
+          ;;
         --command=*train_status.sh*) cat "$d/train_status" 2>/dev/null || echo "running 123" ;;
         --output-directory=*)
           for w in 0 1; do echo "log of worker $w" >"${a#--output-directory=}/$w.log"; done ;;
