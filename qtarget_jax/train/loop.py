@@ -139,7 +139,11 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     # Decide how to initialise. The order matters: fresh weights from model.source first; then,
     # if a complete checkpoint exists (and resume is on), its params, optimizer state, step, RNG
     # and data position replace them. The data position is restored, never replayed.
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.checkpoint.resume:
+        raise FileExistsError(f"checkpoint.dir={ckpt_dir!r} holds checkpoints up to step "
+                              f"{latest} and checkpoint.resume=false: choose another "
+                              "checkpoint.dir (or run.dir) or set checkpoint.resume=true")
     if latest is not None:
         items, data_state = ckpt.restore(latest, ckpt_lib.abstract_like(
             state.checkpoint_items(), built.shardings.checkpoint_items()))

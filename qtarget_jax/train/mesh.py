@@ -34,7 +34,8 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     rest = [a for a, s in zip(AXES, raw) if s == -1]
     bad = [f"{a}={s}" for a, s in zip(AXES, raw) if s == 0 or s < -1]
     if bad or len(rest) > 1:
-        raise ValueError(f"mesh: sizes must be >= 1 with at most one -1, got {dict(zip(AXES, raw))}")
+        raise ValueError(f"mesh: sizes must be >= 1 with at most one -1, "
+                         f"got {dict(zip(AXES, raw))}")
     fixed = math.prod(s for s in raw if s != -1)
     if num_devices % fixed:
         raise ValueError(f"mesh: axes {dict(zip(AXES, raw))} (product {fixed}) do not divide "

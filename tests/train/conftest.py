@@ -10,7 +10,7 @@ V, D, F = 32, 16, 32
 
 
 class TinyLM(nnx.Module):
-    """Embedding -> RMS-scaled MLP -> tied head. Calls like the Decoder: (tokens, positions, seg)."""
+    """Embedding -> RMS-scaled MLP -> tied head; called like the Decoder (tokens, ...)."""
 
     def __init__(self, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.5)
