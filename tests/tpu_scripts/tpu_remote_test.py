@@ -144,3 +144,80 @@ def test_launch_off_a_tpu_vm_fails_clearly(worker):
     proc = worker("launch.sh", "--launch-id", "L1", "configs/job.yaml")
     assert proc.returncode == 2
     assert "cannot read file://" in proc.stderr and "not a Cloud TPU VM?" in proc.stderr
+
+
+def _fake_bin(tmp_path: pathlib.Path, scripts: dict[str, str]) -> str:
+    """A PATH with stand-ins for `scripts` (name -> bash body) in front of the real one."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_free_tpu_kills_stale_holders_and_removes_the_lockfile(tmp_path):
+    dev = tmp_path / "dev"
+    (dev / "vfio").mkdir(parents=True)
+    (dev / "accel0").touch()
+    (dev / "vfio" / "0").touch()
+    lockfile = tmp_path / "libtpu_lockfile"
+    lockfile.touch()
+    stale = subprocess.Popen(["sleep", "60"])
+    calls = tmp_path / "lsof_calls"
+    path = _fake_bin(tmp_path, {
+        "sudo": 'exec "$@"\n',  # the worker's passwordless sudo
+        "lsof": f'echo "$*" >> {calls}\necho {stale.pid}\necho {stale.pid}\n',
+    })
+    try:
+        proc = subprocess.run(["bash", str(SCRIPTS / "remote" / "free_tpu.sh")],
+                              env={"PATH": path, "QT_DEV_DIR": str(dev),
+                                   "QT_LIBTPU_LOCKFILE": str(lockfile)},
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert stale.wait(timeout=10) == -9
+    finally:
+        stale.kill()
+    assert calls.read_text().split() == ["-t", str(dev / "accel0"), str(dev / "vfio" / "0")]
+    assert f"killing stale TPU holders: {stale.pid}" in proc.stdout
+    assert f"removing {lockfile}" in proc.stdout and not lockfile.exists()
+
+
+def test_free_tpu_on_a_free_tpu_does_nothing(tmp_path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "accel0").touch()
+    path = _fake_bin(tmp_path, {"sudo": 'exec "$@"\n', "lsof": "exit 1\n"})  # nobody holds it
+    proc = subprocess.run(["bash", str(SCRIPTS / "remote" / "free_tpu.sh")],
+                          env={"PATH": path, "QT_DEV_DIR": str(dev),
+                               "QT_LIBTPU_LOCKFILE": str(tmp_path / "absent")},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_setup_worker_installs_python_venv_project_and_jax_tpu(tmp_path):
+    code = tmp_path / "qtarget-jax"
+    shutil.copytree(SCRIPTS / "remote", code / "tpu_scripts" / "remote")
+    (code / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    calls = tmp_path / "uv_calls"
+    path = _fake_bin(tmp_path, {
+        "curl": "echo curl must not run when uv is installed >&2; exit 1\n",
+        "uv": f"""echo "$*" >> {calls}
+if [[ $1 == venv ]]; then
+  mkdir -p .venv/bin
+  printf '#!/usr/bin/env bash\\ncat >/dev/null; echo fake versions\\n' > .venv/bin/python
+  chmod +x .venv/bin/python
+fi
+""",
+    })
+    proc = subprocess.run(["bash", str(code / "tpu_scripts" / "remote" / "setup_worker.sh"),
+                           "3.11", "0.10.2"], env={"PATH": path, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().splitlines() == [
+        "python install 3.11",
+        "venv --allow-existing --python 3.11 .venv",
+        "pip install --python .venv/bin/python -e . jax[tpu]==0.10.2",
+    ]
+    assert "fake versions" in proc.stdout

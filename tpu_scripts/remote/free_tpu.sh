@@ -8,7 +8,9 @@
 
 set -euo pipefail
 shopt -s nullglob
-devices=(/dev/accel* /dev/vfio/[0-9]*)
+dev=${QT_DEV_DIR:-/dev}                                  # tests point both at a temp folder
+lockfile=${QT_LIBTPU_LOCKFILE:-/tmp/libtpu_lockfile}
+devices=("$dev"/accel* "$dev"/vfio/[0-9]*)
 pids=""
 if ((${#devices[@]})); then
   # lsof exits 1 when no process holds the files: that is the normal, free case.
@@ -20,7 +22,7 @@ if [[ -n ${pids// /} ]]; then
   sudo kill -9 $pids || true
   sleep 2
 fi
-if [[ -e /tmp/libtpu_lockfile ]]; then
-  echo "[free_tpu] $(hostname): removing /tmp/libtpu_lockfile"
-  sudo rm -f /tmp/libtpu_lockfile
+if [[ -e $lockfile ]]; then
+  echo "[free_tpu] $(hostname): removing $lockfile"
+  sudo rm -f "$lockfile"
 fi
