@@ -29,7 +29,12 @@ from qtarget_jax.models.sharding import LOGICAL_RULES, Rules, param_shardings
 
 
 class TensorSource(Protocol):
-    """Read-only access to named tensors (a safetensors folder, a GGUF file, a dict)."""
+    """Read-only access to named tensors (a safetensors folder, a GGUF file, a dict).
+
+    A source may also define `read_slice(name, index: tuple[slice, ...]) -> np.ndarray`
+    (`tensor[index]` without reading the rest); load_params with a mesh then reads only each
+    shard's slice.
+    """
 
     def keys(self) -> Iterable[str]: ...
 
@@ -201,9 +206,9 @@ def load_params(cfg: ModelConfig, source: TensorSource, *, mesh: Mesh | None = N
     shapes, and raises one ValueError listing every shape mismatch, missing param and
     unexpected tensor. Tied embeddings: `lm_head.weight` may be absent; if present it must
     equal `model.embed_tokens.weight`. With `mesh`, each param is created straight into its
-    NamedSharding (LOGICAL_RULES) via jax.make_array_from_callback: every HF tensor is read
-    once, each device receives only its slice, and for stacked (scan) params only the layers
-    in a shard are read.
+    NamedSharding (LOGICAL_RULES) via jax.make_array_from_callback: each device receives only
+    its slice; a source with `read_slice` is asked only for the slices shards need, others
+    read each tensor once.
     """
     if param_dtype is not None:
         cfg = cfg.replace(param_dtype=param_dtype)
@@ -237,22 +242,62 @@ def load_params(cfg: ModelConfig, source: TensorSource, *, mesh: Mesh | None = N
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
+def _hf_slice(rule: Rule, cfg: ModelConfig, index: tuple[slice, ...]
+              ) -> tuple[slice, ...] | None:
+    """The HF-layout slice holding our `index` (one layer), or None if it is not one box.
+
+    Our dims group into HF dims (e.g. [D, H, Dh] <- transposed [H*Dh, D]); a group of several
+    dims is one contiguous HF range only when every dim after its first is unsliced.
+    """
+    ours = _dims(cfg, rule.our_shape)
+    hf_t = _dims(cfg, rule.hf_shape)[::-1] if rule.transpose else _dims(cfg, rule.hf_shape)
+    bounds = [sl.indices(n)[:2] for sl, n in zip(index, ours)]
+    out, d = [], 0
+    for size in hf_t:
+        group, prod = [], 1
+        while d < len(ours) and (prod < size or not group):
+            group.append(d)
+            prod *= ours[d]
+            d += 1
+        if prod != size or any(bounds[g] != (0, ours[g]) for g in group[1:]):
+            return None
+        inner = math.prod(ours[g] for g in group[1:])
+        out.append(slice(bounds[group[0]][0] * inner, bounds[group[0]][1] * inner))
+    if d != len(ours):
+        return None
+    return tuple(out[::-1]) if rule.transpose else tuple(out)
+
+
 def _make_sharded(source, cfg, entries, stacked, shape, dtype, sharding) -> jax.Array:
-    """jax.make_array_from_callback for one param, reading each needed tensor at most once."""
+    """jax.make_array_from_callback for one param.
+
+    With `source.read_slice`, each distinct shard reads only its slice; otherwise each HF
+    tensor is read whole, at most once, and sliced per device.
+    """
     cache: dict = {}
+    slicing = hasattr(source, "read_slice")
+
+    def one_layer(row, index):
+        name, rule = entries[row]
+        hf_index = _hf_slice(rule, cfg, index) if slicing else None
+        if hf_index is None:
+            if row not in cache:
+                cache[row] = hf_to_ours(rule, cfg, np.asarray(source.read(name))).astype(dtype)
+            return cache[row][index]
+        key = (row, tuple((s.start, s.stop) for s in hf_index))
+        if key not in cache:
+            x = np.asarray(source.read_slice(name, hf_index))
+            x = x.T if rule.transpose else x
+            lengths = tuple(len(range(*sl.indices(n)))
+                            for sl, n in zip(index, _dims(cfg, rule.our_shape)))
+            cache[key] = x.reshape(lengths).astype(dtype)
+        return cache[key]
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
-        if stacked:
-            rows = list(range(*index[0].indices(shape[0])))
-            parts = []
-            for r in rows:
-                if r not in cache:
-                    cache[r] = _read(source, cfg, entries, [r], dtype)[0]
-                parts.append(cache[r][index[1:]])
-            return np.stack(parts)
-        if "full" not in cache:
-            cache["full"] = _read(source, cfg, entries, None, dtype)
-        return cache["full"][index]
+        if not stacked:
+            return one_layer(None, index)
+        rows = range(*index[0].indices(shape[0]))
+        return np.stack([one_layer(r, index[1:]) for r in rows])
 
     return jax.make_array_from_callback(shape, sharding, callback)
 

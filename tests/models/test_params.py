@@ -126,3 +126,33 @@ def test_num_params_of_published_models():
     assert num_params(ModelConfig.smollm2_135m(scan_layers=True)) == 134_515_008
     assert num_params(ModelConfig.llama3_8b(scan_layers=True)) == 8_030_261_248
     assert num_params(ModelConfig.qwen3_0_6b(scan_layers=True)) == 596_049_920
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_load_onto_mesh_reads_only_slices(scan):
+    """A source with read_slice is never read whole; each distinct shard slice is read once."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3)
+    cfg = tiny_config("qwen2_bias", scan_layers=scan)
+
+    class SlicingSource(DictSource):
+        whole: list = []
+        sliced: list = []
+
+        def read(self, name):
+            self.whole.append(name)
+            return super().read(name)
+
+        def read_slice(self, name, index):
+            self.sliced.append((name, index))
+            return super().read(name)[index]
+
+    weights = random_hf_weights(cfg)
+    source = SlicingSource(weights)
+    model = load_params(cfg, source, mesh=mesh)
+    assert source.whole == []
+    q_reads = [i for n, i in source.sliced if n == "model.layers.0.self_attn.q_proj.weight"]
+    # q_proj [D, H, Dh] on (fsdp=2, tensor=2): 4 distinct boxes of HF [H*Dh, D], 16 x 16 each.
+    assert len(q_reads) == 4
+    assert all((i[0].stop - i[0].start, i[1].stop - i[1].start) == (16, 16) for i in q_reads)
+    chex.assert_trees_all_equal(export_params(model), weights)
