@@ -33,6 +33,11 @@ while (($#)); do
 done
 
 state=$(qt_state ABSENT)
+while [[ $state == DELETING ]]; do  # a delete (ours, from a relaunch) still finishing
+  qt_log "$TPU_NAME is being deleted; creating it again once it is gone"
+  sleep "$QT_POLL_S"
+  state=$(qt_state ABSENT)
+done
 if [[ $state == ABSENT ]]; then
   provisioning=()
   case $PROVISIONING in

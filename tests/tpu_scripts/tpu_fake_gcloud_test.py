@@ -51,6 +51,14 @@ def test_create_provisioning_flags(provisioning, flags, settings_file, run_scrip
     assert fake_gcloud.calls() == [V5E_DESCRIBE, V5E_CREATE[:-1] + flags]
 
 
+def test_create_waits_for_a_delete_in_progress(settings_file, run_script, fake_gcloud):
+    fake_gcloud.set_states("DELETING", "DELETING", "ABSENT", "ACTIVE")
+    proc = run_script("create", "--settings", str(settings_file(V5P_64)))
+    assert proc.returncode == 0, proc.stderr
+    assert fake_gcloud.calls() == [V5P_DESCRIBE] * 3 + [V5P_CREATE, V5P_DESCRIBE]
+    assert "qt-v5p-64 is being deleted" in proc.stderr
+
+
 def test_create_again_is_reported_not_a_crash(settings_file, run_script, fake_gcloud):
     fake_gcloud.set_states("READY")
     proc = run_script("create", "--settings", str(settings_file(V5E_8)))
