@@ -175,3 +175,33 @@ def test_load_model_rejects_unknown_source(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_model(str(tmp_path / "nope.gguf"))
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_import_does_not_import_torch():
+    out = _run("import sys\n"
+               "import qtarget_jax.models.loading, qtarget_jax.models.export\n"
+               "import qtarget_jax.models.convert\n"
+               "print('torch' in sys.modules)\n")
+    assert out.split()[-1] == "False"
+
+
+def test_load_without_torch_installed(tmp_path, tiny_gguf):
+    make_hf_folder(str(tmp_path / "hf"), "qwen3", max_shard_size="20KB")
+    path, _ = tiny_gguf
+    out = _run("import sys; sys.modules['torch'] = None  # as if not installed\n"
+               "from qtarget_jax.models.loading import load_gguf, load_hf\n"
+               f"m, cfg, tok = load_hf({str(tmp_path / 'hf')!r})\n"
+               f"g, gcfg, gtok = load_gguf({path!r})\n"
+               "print(cfg.model_type, gcfg.model_type, tok('ab')['input_ids'],"
+               " gtok('ab')['input_ids'])\n")
+    assert out.split()[-4:] == ["qwen3", "llama", "[127]", "[127]"], out
