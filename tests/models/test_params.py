@@ -120,12 +120,18 @@ def test_load_onto_mesh(scan):
         load_params(cfg, DictSource(weights))))
 
 
-def test_num_params_of_published_models():
-    # Published sizes: SmolLM2-135M 134,515,008; Llama-3-8B 8,030,261,248; Qwen3-0.6B
-    # 596,049,920. A change here means the architecture no longer matches the checkpoints.
-    assert num_params(ModelConfig.smollm2_135m(scan_layers=True)) == 134_515_008
-    assert num_params(ModelConfig.llama3_8b(scan_layers=True)) == 8_030_261_248
-    assert num_params(ModelConfig.qwen3_0_6b(scan_layers=True)) == 596_049_920
+# Published parameter counts (model cards / safetensors index totals). A failure means the
+# architecture or a preset no longer matches the real checkpoints.
+PUBLISHED = {"smollm2_135m": 134_515_008, "llama2_7b": 6_738_415_616,
+             "llama3_8b": 8_030_261_248, "llama32_1b": 1_235_814_400,
+             "mistral_7b": 7_241_732_096, "qwen25_7b": 7_615_616_512,
+             "qwen3_0_6b": 596_049_920}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_num_params_of_published_models(preset):
+    cfg = getattr(ModelConfig, preset)(scan_layers=True)
+    assert num_params(cfg) == PUBLISHED[preset]
 
 
 @pytest.mark.parametrize("scan", [False, True])
