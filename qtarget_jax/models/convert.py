@@ -28,7 +28,7 @@ def convert_gguf(gguf_path: str, folder: str) -> str:
         raise FileExistsError(f"{folder}: already holds a converted model; remove it first")
     source = GGUFSource(gguf_path)
     tensors = {name: source.read(name) for name in source.keys()}
-    tokenizer = tokenizer_from_gguf(gguf_path)
+    tokenizer = tokenizer_from_gguf(gguf_path, source.reader)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)

@@ -76,7 +76,7 @@ def load_gguf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None,
     source = GGUFSource(path)
     cfg = ModelConfig.from_hf_config(source.hf_config(), **cfg_override)
     model = load_params(cfg, source, mesh=mesh, param_dtype=dtype or "float32")
-    return model, model.cfg, tokenizer_from_gguf(path)
+    return model, model.cfg, tokenizer_from_gguf(path, source.reader)
 
 
 def _file_digest(path: str) -> str:

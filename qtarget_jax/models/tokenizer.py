@@ -37,17 +37,18 @@ def load_tokenizer(folder: str) -> Any:
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def tokenizer_from_gguf(path: str) -> Any:
+def tokenizer_from_gguf(path: str, reader: gguf.GGUFReader | None = None) -> Any:
     """The tokenizer and chat template stored in GGUF file `path`, as a transformers tokenizer.
 
     Mirrors `transformers...gguf_tokenizer_mapping.get_gguf_tokenizer` (which needs torch), reading
-    the metadata with `gguf.GGUFReader` instead.
+    the metadata with `gguf.GGUFReader` instead. Pass `reader` (already open on `path`, e.g.
+    `GGUFSource.reader`) to skip parsing the file again (seconds for a 49k-token vocabulary).
     """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(path) if reader is None else reader
     architecture = field_value(reader, "general.architecture")
     grouped: dict[str, dict[str, Any]] = {}
     for group, renames in GGUF_TOKENIZER_MAPPING.items():

@@ -102,8 +102,13 @@ def test_default_model_path(monkeypatch):
         gguf_io.default_model_path()
 
 
-def test_smollm2_file_maps_completely():
-    src = GGUFSource(gguf_io.default_model_path())
+@pytest.fixture(scope="module")
+def smollm2():
+    return GGUFSource(gguf_io.default_model_path())  # Parsing its metadata takes seconds.
+
+
+def test_smollm2_file_maps_completely(smollm2):
+    src = smollm2
     cfg = src.hf_config()
     assert len(src.keys()) == 2 + 9 * cfg["num_hidden_layers"]
     assert cfg["tie_word_embeddings"] and cfg["rms_norm_eps"] == 1e-5
@@ -122,8 +127,8 @@ def q4_1_reference(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return (q * d + m).reshape(rows, cols)
 
 
-def test_smollm2_q4_1_dequant_matches_reference():
-    src = GGUFSource(gguf_io.default_model_path())
+def test_smollm2_q4_1_dequant_matches_reference(smollm2):
+    src = smollm2
     name = "model.layers.3.mlp.up_proj.weight"  # Q4_1 [F, D] = [1536, 576], not permuted
     raw = next(t for t in src.reader.tensors if t.name == "blk.3.ffn_up.weight").data
     np.testing.assert_array_equal(src.read(name), q4_1_reference(np.asarray(raw), 1536, 576))
