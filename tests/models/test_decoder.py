@@ -30,15 +30,17 @@ def _forward(model, tokens):
     return model(tokens)
 
 
-def _loss_grads(model, tokens):
-    """Gradients (a list of arrays) of a fixed random linear function of the logits."""
+def _logits_and_grads(model, tokens):
+    """(logits, gradients as a list of arrays) of a fixed random linear function of logits."""
     graphdef, params = nnx.split(model)
     w = jax.random.normal(jax.random.key(1), tokens.shape + (model.cfg.vocab_size,))
 
     def loss(p):
-        return jnp.sum(nnx.merge(graphdef, p)(tokens) * w)
+        logits = nnx.merge(graphdef, p)(tokens)
+        return jnp.sum(logits * w), logits
 
-    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads)
 
 
 @pytest.mark.parametrize("family", ["qwen3_qk_norm", "qwen2_bias"])
@@ -55,27 +57,26 @@ def test_scan_equals_loop(family):
 def test_remat_equals_no_remat(scan, policy):
     base = random_model(tiny_config("llama3_rope_scaling", scan_layers=scan))
     remat = _same_weights(base, base.cfg.replace(remat_policy=policy))
-    tokens = _tokens(base.cfg)
-    chex.assert_trees_all_close(_forward(remat, tokens), _forward(base, tokens),
-                                rtol=1e-6, atol=1e-6)
+    logits, grads = _logits_and_grads(remat, _tokens(base.cfg))
+    want_logits, want_grads = _logits_and_grads(base, _tokens(base.cfg))
+    chex.assert_trees_all_close(logits, want_logits, rtol=1e-6, atol=1e-6)
     # Gradients reach |g| ~ 10 here; recomputation may reorder float32 sums.
-    chex.assert_trees_all_close(_loss_grads(remat, tokens), _loss_grads(base, tokens),
-                                rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-4)
 
 
-def _embedding_grad_rows(model, tokens, segments, ts):
-    """For each t in ts: |d sum(logits[0, t]) / d embedding row of the token at each
-    position of row 0|, summed over D -> list of [T] arrays (tokens must be distinct)."""
+def _embedding_grad_rows(model, tokens):
+    """f(segments, t) -> |d sum(logits[0, t]) / d embedding row of the token at each position
+    of row 0|, summed over D: a [T] array (tokens must be distinct; one compile per model)."""
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def grad_at(p, t):
+    def grad_at(p, segments, t):
         out = lambda q: jnp.take(nnx.merge(graphdef, q)(tokens, segment_ids=segments)[0],
                                  t, axis=0).sum()
         return jax.grad(out)(p)["embedder"]["embedding"][...]
 
-    return [np.abs(np.asarray(grad_at(params, t))[np.asarray(tokens[0])]).sum(-1)
-            for t in ts]
+    return lambda segments, t: np.abs(
+        np.asarray(grad_at(params, segments, t))[np.asarray(tokens[0])]).sum(-1)
 
 
 def test_causality_and_segments():
@@ -83,12 +84,13 @@ def test_causality_and_segments():
     model = random_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).permutation(cfg.vocab_size)[None, :T])
     ones = jnp.ones((1, T), jnp.int32)
-    ts = (0, 4, T - 1)
-    for t, rows in zip(ts, _embedding_grad_rows(model, tokens, ones, ts)):
+    grad_rows = _embedding_grad_rows(model, tokens)
+    for t in (0, 4, T - 1):
+        rows = grad_rows(ones, t)
         assert (rows[t + 1:] == 0).all(), f"logit at {t} depends on later tokens: {rows}"
         assert (rows[:t + 1] > 0).all(), f"logit at {t} ignores earlier tokens: {rows}"
     segments = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
-    rows, = _embedding_grad_rows(model, tokens, segments, [T - 1])
+    rows = grad_rows(segments, T - 1)
     assert (rows[:4] == 0).all() and (rows[4:] > 0).all(), f"segments leak: {rows}"
 
 
@@ -96,7 +98,7 @@ def test_sliding_window_receptive_field():
     cfg = tiny_config("mistral_window")                # window 4, 2 layers: sees t-6 .. t
     model = random_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).permutation(cfg.vocab_size)[None, :T])
-    rows, = _embedding_grad_rows(model, tokens, jnp.ones((1, T), jnp.int32), [T - 1])
+    rows = _embedding_grad_rows(model, tokens)(jnp.ones((1, T), jnp.int32), T - 1)
     span = 2 * (cfg.sliding_window - 1)
     assert (rows[:T - 1 - span] == 0).all(), f"window leaks: {rows}"
     assert (rows[T - 1 - span:] > 0).all(), f"window too small: {rows}"
@@ -125,9 +127,11 @@ def test_cache_equals_full_forward(family, scan):
         outs.append(logits_i)
     got = jnp.concatenate(outs, axis=1)
     chex.assert_tree_all_finite(got)
+    # Reference: the same rows right-padded, no cache (padding itself is checked against HF).
+    right = (np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.int32)
+    want = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, right)
     for row, n in enumerate(lengths):
-        want = _forward(model, tokens[row:row + 1, :n])[0]
-        chex.assert_trees_all_close(got[row, T - n:], want, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(got[row, T - n:], want[row, :n], rtol=1e-5, atol=1e-5)
     assert int(cache.index) == T
 
 
