@@ -166,6 +166,7 @@ class Decoder(nnx.Module):
         return nnx.remat(apply, policy=_REMAT_POLICIES[self.cfg.remat_policy])
 
     def _loop_layers(self, x, sin, cos, mask, kv, index):
+        """Unrolled layers. x [B, T, D]; kv None or (k, v) [L, B, S, K, Dh] -> (x, new kv)."""
         apply = self._block_fn()
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
@@ -179,6 +180,7 @@ class Decoder(nnx.Module):
         return x, (jnp.stack(new_k), jnp.stack(new_v))
 
     def _scan_layers(self, x, sin, cos, mask, kv, index):
+        """nnx.scan over the stacked layers; same arguments and results as _loop_layers."""
         apply = self._block_fn()
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
