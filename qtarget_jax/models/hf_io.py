@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
@@ -241,13 +241,3 @@ def generation_config_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, 
         if hf_config.get(key) is not None:
             out[key] = hf_config[key]
     return out
-
-
-def check_names(expected: Sequence[str], found: Sequence[str], where: str) -> None:
-    """Raise naming every missing and every unexpected tensor when the two name sets differ."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: tensor names do not match the model. "
-            f"missing ({len(missing)}): {missing}; unexpected ({len(unexpected)}): {unexpected}")

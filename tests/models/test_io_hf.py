@@ -83,13 +83,6 @@ def test_no_weights_and_no_config_errors(tmp_path):
         hf_io.read_hf_config(str(tmp_path))
 
 
-def test_check_names_lists_missing_and_unexpected():
-    with pytest.raises(CheckpointError) as e:
-        hf_io.check_names(["a.weight", "b.weight"], ["b.weight", "c.bias"], "ckpt")
-    assert "missing (1): ['a.weight']" in str(e.value)
-    assert "unexpected (1): ['c.bias']" in str(e.value)
-
-
 def test_reading_needs_no_torch(tmp_path):
     make_hf_folder(str(tmp_path), "qwen3", max_shard_size="20KB")
     code = (
