@@ -149,9 +149,6 @@ class GGUFSource:
             w = unpermute_rope_rows(w, self._n_kv_heads)
         return np.ascontiguousarray(w)
 
-    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self.read(name)[index]
-
     def hf_config(self) -> dict[str, Any]:
         """The Hugging Face `config.json` dict this file describes (weights saved as float32)."""
         if field_value(self.reader, f"{self.architecture}.rope.scaling.type") not in (None, "none"):

@@ -10,7 +10,8 @@ are refused unless the caller passes `allow_pickle=True`; even then they are rea
 `torch.load(weights_only=True)`, and torch is imported only on that path.
 
 Every source here follows the `TensorSource` protocol of `params.py`: `keys()`, `shape(name)`,
-`read(name) -> np.ndarray`; `read_slice(name, index)` reads only part of a tensor.
+`read(name) -> np.ndarray`; `SafetensorsSource.read_slice(name, index)` reads only part of a
+tensor, which `load_params` uses to give each device shard only its slice.
 """
 from __future__ import annotations
 
@@ -160,9 +161,6 @@ class PickleSource:
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy().copy()
-
-    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self.read(name)[index]
 
 
 def open_hf_weights(folder: str, *, allow_pickle: bool = False) -> SafetensorsSource | PickleSource:

@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 
 from io_helpers import (CHAT_TEMPLATE, make_hf_folder, make_torch_model, torch_state,
@@ -205,3 +206,19 @@ def test_load_without_torch_installed(tmp_path, tiny_gguf):
                "print(cfg.model_type, gcfg.model_type, tok('ab')['input_ids'],"
                " gtok('ab')['input_ids'])\n")
     assert out.split()[-4:] == ["qwen3", "llama", "[127]", "[127]"], out
+
+
+def test_mesh_load_reads_each_slice_once_not_per_device(tmp_path, monkeypatch):
+    """With a mesh, the bytes read from safetensors stay ~1x the model, not 8x (8 devices)."""
+    make_hf_folder(str(tmp_path), "llama", with_tokenizer=False)
+    read_elems = []
+    read, read_slice = hf_io.SafetensorsSource.read, hf_io.SafetensorsSource.read_slice
+    monkeypatch.setattr(hf_io.SafetensorsSource, "read",
+                        lambda self, n: read_elems.append(read(self, n).size) or read(self, n))
+    monkeypatch.setattr(hf_io.SafetensorsSource, "read_slice",
+                        lambda self, n, i: read_elems.append(read_slice(self, n, i).size)
+                        or read_slice(self, n, i))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), ("data", "fsdp", "tensor"))
+    model, _, _ = load_hf(str(tmp_path), mesh=mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n_params <= sum(read_elems) <= 1.5 * n_params, (sum(read_elems), n_params)
