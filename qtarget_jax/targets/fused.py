@@ -1,0 +1,235 @@
+"""The fused Q-target loss: from hidden states and the LM head, never holding [N, V] logits.
+
+    fused_qtarget_loss_sums(h, W, labels, mask, spec, ...) == qtarget_loss_sums(h @ W, labels,
+                                                                                mask, spec, ...)
+
+in value and in the gradients with respect to h and W, for every target (presets and registered
+rules alike), while at most a few [C, V] logits chunks exist at any time (C = `chunk_size`
+tokens). The chunk loop lives in `fused_chunks`; this module checks inputs, turns the
+normalisation into per-token loss weights, and lays the tokens out in chunks.
+
+Each chunk holds full vocabulary rows, so per-row operations that need the whole row (the
+logsumexp, a top-k residual, a user rule) are exact. With the head sharded over the vocabulary
+(vocab-parallel, `ChunkSharding(mesh, vocab_axis="tensor")`), the chunk logits are sharded over
+V and XLA's SPMD partitioner turns the row reductions into cross-device reductions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from qtarget_jax.targets import checks
+from qtarget_jax.targets.fused_chunks import (
+    ChunkPlan, ChunkSharding, chunk_rows, weighted_loss_sums)
+from qtarget_jax.targets.losses import (
+    IGNORE_INDEX, METRIC_NAMES, NORMALIZATIONS, _as_spec, safe_divide)
+from qtarget_jax.targets.spec import TargetSpec
+
+# Elements of one [C, V] logits chunk when chunk_size is None: 2**22 floats = 16 MiB in float32.
+# A chunk's loss and gradient keep about ten such buffers alive (docs/performance.md).
+DEFAULT_CHUNK_ELEMENTS = 2 ** 22
+
+
+def default_chunk_size(n_tokens: int, vocab: int, multiple: int = 8) -> int:
+    """Tokens per chunk: DEFAULT_CHUNK_ELEMENTS // V, a multiple of `multiple`, at most N.
+
+    Args:
+      n_tokens: N, the number of token rows.
+      vocab: V.
+      multiple: C is rounded to a multiple of this (the token-shard count under sharding).
+    """
+    per_chunk = max(multiple, DEFAULT_CHUNK_ELEMENTS // vocab // multiple * multiple)
+    return min(per_chunk, -(-max(n_tokens, 1) // multiple) * multiple)
+
+
+def _check_shapes(hidden, lm_head, labels, teacher_hidden, teacher_lm_head, teacher_logits):
+    """Trace-time shape/dtype checks; returns the abstract teacher logits (or None)."""
+    if not jnp.issubdtype(hidden.dtype, jnp.floating):
+        raise TypeError(f"hidden must be floating, got dtype {hidden.dtype}")
+    if hidden.ndim != labels.ndim + 1 or tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"Incorrect shapes: hidden {tuple(hidden.shape)} must be labels "
+            f"{tuple(labels.shape)} + (D,)")
+    if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
+        raise ValueError(
+            f"Incorrect shapes: lm_head {tuple(lm_head.shape)} must be (D, V) with "
+            f"D = hidden.shape[-1] = {hidden.shape[-1]}")
+    if not jnp.issubdtype(lm_head.dtype, jnp.floating):
+        raise TypeError(f"lm_head must be floating, got dtype {lm_head.dtype}")
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_lm_head is not None):
+        raise ValueError("pass the teacher either as teacher_logits or as teacher_hidden + "
+                         "teacher_lm_head, not both")
+    if (teacher_hidden is None) != (teacher_lm_head is None):
+        raise ValueError(
+            "teacher_hidden and teacher_lm_head go together: got "
+            f"teacher_hidden={'set' if teacher_hidden is not None else None}, "
+            f"teacher_lm_head={'set' if teacher_lm_head is not None else None}")
+    if teacher_hidden is None:
+        return teacher_logits
+    if (teacher_hidden.ndim != labels.ndim + 1
+            or tuple(teacher_hidden.shape[:-1]) != tuple(labels.shape)):
+        raise ValueError(
+            f"Incorrect shapes: teacher_hidden {tuple(teacher_hidden.shape)} must be labels "
+            f"{tuple(labels.shape)} + (D_teacher,)")
+    if teacher_lm_head.ndim != 2 or teacher_lm_head.shape[0] != teacher_hidden.shape[-1]:
+        raise ValueError(
+            f"Incorrect shapes: teacher_lm_head {tuple(teacher_lm_head.shape)} must be "
+            f"(D_teacher, V) with D_teacher = teacher_hidden.shape[-1] = "
+            f"{teacher_hidden.shape[-1]}")
+    dtype = jnp.promote_types(teacher_hidden.dtype, teacher_lm_head.dtype)
+    return jax.ShapeDtypeStruct(tuple(labels.shape) + (teacher_lm_head.shape[1],), dtype)
+
+
+def _token_weights(valid, normalization, normalizer, segment_ids, dtype):
+    """Per-token loss weights w [...] and the denominator for a normalisation.
+
+    token / constant: w = valid. sequence: w = valid / (tokens of the sequence), so that
+    sum_t w_t loss_t is the sum over sequences of their mean token loss (as `qtarget_loss_sums`).
+    """
+    w = valid.astype(dtype)
+    if normalization == "token":
+        return w, jnp.sum(w)
+    if normalization == "constant":
+        rows = valid.size // valid.shape[-1] if valid.ndim else 1
+        return w, jnp.asarray(normalizer * rows, dtype)
+    flat_w = w.reshape(-1, w.shape[-1])
+    rows, length = flat_w.shape
+    if segment_ids is None:
+        keys = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), length)
+        n = rows
+    else:
+        seg = segment_ids.reshape(flat_w.shape).astype(jnp.int32)
+        keys = (jnp.arange(rows, dtype=jnp.int32)[:, None] * (length + 1) + seg).reshape(-1)
+        n = rows * (length + 1)
+    counts = jax.ops.segment_sum(flat_w.reshape(-1), keys, num_segments=n)
+    per_token = counts[keys]
+    w_seq = jnp.where(per_token > 0, flat_w.reshape(-1) / jnp.where(per_token > 0, per_token, 1),
+                      0.0)
+    return w_seq.reshape(w.shape), jnp.sum((counts > 0).astype(dtype))
+
+
+def fused_qtarget_loss_sums(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    mask: Optional[jax.Array] = None,
+    spec: Union[TargetSpec, str, None] = None,
+    *,
+    teacher_hidden: Optional[jax.Array] = None,
+    teacher_lm_head: Optional[jax.Array] = None,
+    teacher_logits: Optional[jax.Array] = None,
+    weights: Optional[jax.Array] = None,
+    normalization: str = "token",
+    segment_ids: Optional[jax.Array] = None,
+    normalizer: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    sharding: Optional[ChunkSharding] = None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`qtarget_loss_sums(hidden @ lm_head, ...)` without materialising the logits.
+
+    Args:
+      hidden: [N, D] or [B, T, D] (any leading dims equal to labels') final hidden states, any
+        float dtype; the logits are computed in that dtype with float32 accumulation.
+      lm_head: [D, V] output projection (for a tied head: the embedding transposed).
+      labels: [N] or [B, T] int; -100 = not supervised.
+      mask: like labels, 0/1, or None = every position with a label.
+      spec: TargetSpec or preset name.
+      teacher_hidden: [..., D_teacher] teacher hidden states, with teacher_lm_head [D_teacher, V]:
+        the teacher logits are computed chunk by chunk, never whole. No gradient reaches them.
+      teacher_lm_head: see teacher_hidden.
+      teacher_logits: [..., V] teacher logits (alternative to teacher_hidden; read per chunk).
+      weights: like labels, in [0, 1], when spec.needs_weights.
+      normalization, segment_ids, normalizer: as `qtarget_loss_sums`.
+      chunk_size: C, tokens per chunk; None = `default_chunk_size`. N need not be a multiple.
+      sharding: optional `ChunkSharding` (mesh, token axes, vocab axis) applied to each [C, V]
+        logits chunk; hidden and lm_head may be sharded on any axes.
+
+    Returns:
+      (loss_sum f32[], denominator f32[], metric_sums), exactly as `qtarget_loss_sums`.
+    """
+    if spec is None:
+        raise ValueError("fused_qtarget_loss_sums needs a spec (a TargetSpec or a preset name)")
+    spec = _as_spec(spec)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
+    abstract_teacher = _check_shapes(hidden, lm_head, labels, teacher_hidden, teacher_lm_head,
+                                     teacher_logits)
+    vocab = lm_head.shape[1]
+    dtype = jnp.promote_types(jnp.promote_types(hidden.dtype, lm_head.dtype), jnp.float32)
+    checks.check_inputs(jax.ShapeDtypeStruct(tuple(labels.shape) + (vocab,), dtype), labels,
+                        mask, abstract_teacher, weights)
+    if spec.needs_teacher and abstract_teacher is None:
+        raise ValueError(
+            f"target {spec.name!r} needs a teacher (residual={spec.residual!r}, eta={spec.eta}): "
+            "pass teacher_hidden + teacher_lm_head, or teacher_logits")
+    if spec.needs_weights and weights is None:
+        raise ValueError(f"target {spec.name!r} needs per-token `weights`, but none were passed")
+    if normalization == "constant" and not (normalizer and normalizer > 0):
+        raise ValueError(f"normalization='constant' needs normalizer > 0, got {normalizer}")
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"Incorrect shapes: segment_ids {tuple(segment_ids.shape)} must equal labels "
+            f"{tuple(labels.shape)}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
+
+    valid = labels != IGNORE_INDEX
+    if mask is not None:
+        valid = valid & (mask > 0)
+    w, denominator = _token_weights(valid, normalization, normalizer, segment_ids, dtype)
+
+    n_tokens = math.prod(labels.shape)
+    shards = (math.prod(sharding.mesh.shape[a] for a in sharding.token_axes)
+              if sharding else 1)
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(n_tokens, vocab,
+                                                                  math.lcm(8, shards))
+    n_chunks = max(1, -(-n_tokens // chunk))
+
+    def rows(x, fill):
+        flat = x.reshape(n_tokens, *x.shape[labels.ndim:])
+        pad = n_chunks * chunk - n_tokens
+        widths = [(0, pad)] + [(0, 0)] * (flat.ndim - 1)
+        return chunk_rows(jnp.pad(flat, widths, constant_values=fill), n_chunks, chunk)
+
+    teacher = None
+    if teacher_hidden is not None:
+        teacher = {"hidden": rows(jax.lax.stop_gradient(teacher_hidden), 0),
+                   "lm_head": jax.lax.stop_gradient(teacher_lm_head)}
+    elif teacher_logits is not None:
+        teacher = {"logits": rows(jax.lax.stop_gradient(teacher_logits), 0)}
+    plan = ChunkPlan(spec=spec, n_chunks=n_chunks, chunk=chunk, sharding=sharding,
+                     grad_dtypes=(jnp.dtype(hidden.dtype).name, jnp.dtype(lm_head.dtype).name))
+    loss_sum, sums = weighted_loss_sums(
+        plan, rows(hidden, 0), lm_head, rows(w, 0), rows(labels, IGNORE_INDEX),
+        rows(valid, False), None if weights is None else rows(weights, 0), teacher)
+    sums["tokens"] = jnp.sum(valid.astype(dtype))
+    return loss_sum, denominator.astype(dtype), sums
+
+
+def fused_qtarget_loss(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    mask: Optional[jax.Array] = None,
+    spec: Union[TargetSpec, str, None] = None,
+    **kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`qtarget_loss(hidden @ lm_head, ...)` without materialising the logits.
+
+    Args: as `fused_qtarget_loss_sums` (hidden [B, T, D] | [N, D], lm_head [D, V], labels).
+
+    Returns:
+      (loss f32[], metrics): the token means of `METRIC_NAMES`, `tokens` and `loss`; an
+      all-masked batch gives loss 0 and zero gradients.
+    """
+    loss_sum, denominator, sums = fused_qtarget_loss_sums(hidden, lm_head, labels, mask, spec,
+                                                          **kwargs)
+    loss = safe_divide(loss_sum, denominator)
+    metrics = {name: safe_divide(sums[name], sums["tokens"]) for name in METRIC_NAMES}
+    metrics["tokens"] = sums["tokens"]
+    metrics["loss"] = loss
+    return loss, metrics
