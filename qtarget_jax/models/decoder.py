@@ -132,8 +132,10 @@ class Decoder(nnx.Module):
                 raise ValueError(f"Decoder: cache k shape {cache.k.shape} does not match "
                                  f"num_layers {cfg.num_layers} and batch {b}")
             check_fits(cache, t)
+            zero = jnp.zeros((), jnp.int32)              # int32 under JAX_ENABLE_X64 too
             cache_segments = jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+                cache.segment_ids, segment_ids.astype(jnp.int32),
+                (zero, cache.index.astype(jnp.int32)))
             k_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                        (b, cache.max_len))
             mask = attention_mask(q_index + cache.index, segment_ids, k_index, cache_segments,

@@ -161,7 +161,8 @@ class Attention(nnx.Module):
         new_kv = None
         if kv is not None:
             k_cache, v_cache, index = kv
-            start = (0, index, 0, 0)
+            zero = jnp.zeros((), jnp.int32)              # int32 under JAX_ENABLE_X64 too
+            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             new_kv = (k, v)
