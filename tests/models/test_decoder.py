@@ -207,3 +207,15 @@ def test_jaxpr_has_remat_per_layer_and_one_scan(scan, policy, remats, scans):
     jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((1, 4), jnp.int32)))(
         params))
     assert (jaxpr.count("remat"), jaxpr.count("scan[")) == (remats, scans)
+
+
+def test_scan_program_size_flat_in_depth():
+    """With scan_layers the traced program does not grow with num_layers (compile time flat)."""
+    def size(scan, layers):
+        model = random_model(tiny_config("qwen3_qk_norm", scan_layers=scan, num_layers=layers))
+        graphdef, params = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((1, 4), jnp.int32)))
+        return len(str(jaxpr(params)).splitlines())
+
+    assert size(True, 2) == size(True, 6)
+    assert size(False, 6) > 2 * size(False, 2) - size(True, 2)
