@@ -1,12 +1,15 @@
 """LOGICAL_RULES and param_shardings: every param gets its spec; non-dividing dims raise."""
+import chex
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from model_helpers import tiny_config
+from model_helpers import random_model, tiny_config
 from qtarget_jax.models import Decoder
-from qtarget_jax.models.sharding import LOGICAL_RULES, logical_to_spec, param_shardings
+from qtarget_jax.models.sharding import LOGICAL_RULES, logical_to_spec, param_shardings, \
+    shard_model
 
 
 def _mesh(shape=(2, 2, 2)):
@@ -49,3 +52,18 @@ def test_rule_to_missing_mesh_axis_raises():
     rules = tuple(r for r in LOGICAL_RULES if r[0] != "layers") + (("layers", "pipeline"),)
     with pytest.raises(ValueError, match="'pipeline', not a mesh axis"):
         param_shardings(_abstract(tiny_config("qwen2_bias", scan_layers=True)), _mesh(), rules)
+
+
+def test_shard_model_places_params_and_keeps_logits():
+    model = random_model(tiny_config("qwen2_bias", scan_layers=True))
+    tokens = jnp.zeros((2, 6), jnp.int32)
+    forward = nnx.jit(lambda m, t: m(t))
+    want = forward(model, tokens)
+    mesh = _mesh()
+    shard_model(model, mesh)
+    placed = {".".join(map(str, p)): v[...].sharding.spec
+              for p, v in nnx.to_flat_state(nnx.state(model))}
+    specs = {".".join(map(str, p)): s.spec
+             for p, s in nnx.to_flat_state(param_shardings(model, mesh))}
+    assert placed == specs
+    chex.assert_trees_all_close(forward(model, tokens), want, rtol=1e-5, atol=1e-5)
