@@ -1,0 +1,248 @@
+"""Batched KV-cache decoding on the training model: greedy, temperature and top-p sampling.
+
+    gens = generate(model, tokenizer, ["What is 2 + 3?"], SamplingConfig(max_new_tokens=64))
+    gens[0].text, gens[0].finish_reason        # "2 + 3 = 5 ...", "eos" | "stop" | "length"
+
+How it runs:
+  1. Prompts (strings are wrapped as one user turn) are rendered with the chat template plus the
+     generation prompt and tokenised like `data/chat.py` does it (text cut, then tokenised with
+     add_special_tokens=False), so inference sees exactly the training prompt tokens.
+  2. Rows are left-padded to a common width (rounded up to `pad_multiple` so few shapes compile):
+     pad slots get segment_ids 0, real tokens 1 and positions 0, 1, ... per row, which is what
+     `Decoder(..., cache=)` expects (docs/models.md, KV cache).
+  3. One jitted function does the prefill and a `lax.while_loop` of one-token steps over the
+     model's KVCache; a row is finished at an EOS id, the loop ends when all rows are finished or
+     after `max_new_tokens`.
+  4. Stop strings are applied on the host to the decoded text (the text is cut before the first
+     stop string, finish_reason "stop"); the device loop only knows EOS ids.
+
+Sharding: with `mesh`, the batch is placed over LOGICAL_RULES["batch"] (("data", "fsdp")) and the
+model's params keep whatever sharding they have; jit propagates it through the same forward code
+as training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Prompt = str | list[dict[str, str]]  # a user message, or a chat (list of role/content dicts)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode. temperature 0 means greedy (argmax), whatever top_p says."""
+
+    max_new_tokens: int = 128        # upper bound on generated tokens per row
+    temperature: float = 0.0         # 0 = greedy; > 0 divides the logits before sampling
+    top_p: float = 1.0               # nucleus sampling: keep the smallest set with mass >= top_p
+    stop_strings: tuple[str, ...] = ()  # cut the text before the first of these (host side)
+    cache_dtype: str = "float32"     # dtype of the KV cache (float32 | bfloat16)
+    pad_multiple: int = 16           # prompt width rounded up to this, to bound recompiles
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
+        if self.cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"SamplingConfig.cache_dtype={self.cache_dtype!r}: expected "
+                             "float32 or bfloat16")
+        if self.pad_multiple < 1:
+            raise ValueError(f"SamplingConfig.pad_multiple={self.pad_multiple} must be >= 1")
+        if isinstance(self.stop_strings, str):
+            raise TypeError("SamplingConfig.stop_strings must be a tuple of strings, got a str")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One row's result: decoded text (stop string excluded), its token ids and why it ended."""
+
+    text: str
+    token_ids: list[int]   # generated ids, EOS excluded
+    finish_reason: str     # "eos" | "stop" | "length"
+    prompt_tokens: int
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Chat-rendered prompt ids, generation prompt included, as training tokenises prompts."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pads token lists to `width`.
+
+    Returns:
+      tokens [B, width] int32 (pad_id in pad slots), positions [B, width] int32 (0 in pad slots,
+      then 0, 1, ... over the real tokens), segment_ids [B, width] int32 (0 pad, 1 real).
+    """
+    b = len(rows)
+    tokens = np.full((b, width), pad_id, np.int32)
+    positions = np.zeros((b, width), np.int32)
+    segments = np.zeros((b, width), np.int32)
+    for i, row in enumerate(rows):
+        n = len(row)
+        if n == 0 or n > width:
+            raise ValueError(f"left_pad: row {i} has {n} tokens; need 1..{width}")
+        tokens[i, width - n:] = row
+        positions[i, width - n:] = np.arange(n)
+        segments[i, width - n:] = 1
+    return tokens, positions, segments
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float,
+                  top_p: float) -> jax.Array:
+    """Next token ids [B] int32 from logits [B, V] float32.
+
+    temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the smallest
+    set of tokens whose mass reaches top_p (the most likely token is always kept), renormalised.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    z = logits_BV.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-z, axis=-1)
+        sorted_z = jnp.take_along_axis(z, order, axis=-1)
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_z = jnp.where(mass_before < top_p, sorted_z, -jnp.inf)
+        pick = jax.random.categorical(rng, sorted_z, axis=-1)
+        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids",
+                                             "temperature", "top_p", "cache_dtype"))
+def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
+           segment_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+           eos_ids: tuple[int, ...], temperature: float, top_p: float,
+           cache_dtype: str) -> tuple[jax.Array, jax.Array]:
+    """Prefill + token-by-token decoding over the model's KV cache, under one jit.
+
+    Args:
+      graphdef, state: `nnx.split(model)` (graphdef static).
+      tokens, positions, segment_ids: [B, P] int32 left-padded prompts (see `left_pad`).
+      rng: a PRNG key (unused when greedy).
+    Returns:
+      out [B, N] int32 generated ids (N = max_new_tokens; pad/EOS after a row's end is the EOS
+      id it stopped on, repeated) and length [B] int32: generated tokens before the EOS (or N).
+    """
+    model = nnx.merge(graphdef, state)
+    b, p = tokens.shape
+    cache = model.init_cache(b, p + max_new_tokens, jnp.dtype(cache_dtype))
+    logits, cache = model(tokens, positions, segment_ids, cache=cache)
+    next_pos = positions[:, -1] + 1                         # [B] per-row real length
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+    length = jnp.full((b,), max_new_tokens, jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def cond(carry):
+        step, _, _, _, _, done = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, last_logits, out, length, done = carry
+        tok = sample_logits(last_logits, jax.random.fold_in(rng, step), temperature, top_p)
+        prev = jnp.where(step > 0, out[:, jnp.maximum(step - 1, 0)], tok)
+        tok = jnp.where(done, prev, tok)                   # a finished row repeats its EOS
+        out = out.at[:, step].set(tok)
+        hit = jnp.any(tok[:, None] == eos[None, :], axis=-1) & ~done
+        length = jnp.where(hit, step, length)
+        done = done | hit
+        logits, cache = model(tok[:, None], (next_pos + step)[:, None],
+                              jnp.ones((b, 1), jnp.int32), cache=cache)
+        return step + 1, cache, logits[:, -1], out, length, done
+
+    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], out, length, done)
+    _, _, _, out, length, _ = jax.lax.while_loop(cond, body, carry)
+    return out, length
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def _eos_ids(tokenizer: Any, eos_ids: Sequence[int] | None) -> tuple[int, ...]:
+    if eos_ids is not None:
+        ids = tuple(int(i) for i in eos_ids)
+    else:
+        ids = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+    if not ids:
+        raise ValueError("generate: the tokenizer has no eos_token_id; pass eos_ids=[...]")
+    return ids
+
+
+def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
+             config: SamplingConfig = SamplingConfig(), *, seed: int = 0,
+             batch_size: int | None = None, eos_ids: Sequence[int] | None = None,
+             names: Sequence[str] | None = None, mesh: Mesh | None = None,
+             max_len: int | None = None) -> list[Generation]:
+    """Decodes every prompt; returns one Generation per prompt, in order.
+
+    Args:
+      model: a Decoder (any params sharding). tokenizer: with a chat template.
+      prompts: user-message strings or chats (lists of {"role", "content"}).
+      config: SamplingConfig. seed: sampling seed (row i of batch j uses fold_in(key, j)).
+      batch_size: rows per decode call (default all); the last batch is filled with copies of
+        its first prompt so every call has the same shape.
+      eos_ids: token ids that end a row (default tokenizer.eos_token_id).
+      names: one name per prompt for error messages (default "prompt[i]").
+      mesh: place each batch over the ("data", "fsdp") axes of this mesh.
+      max_len: the context length (default model.cfg.max_position_embeddings).
+    Raises:
+      ValueError: a prompt whose tokens plus max_new_tokens exceed the context, naming it.
+    """
+    if not prompts:
+        return []
+    names = list(names) if names is not None else [f"prompt[{i}]" for i in range(len(prompts))]
+    if len(names) != len(prompts):
+        raise ValueError(f"generate: {len(names)} names for {len(prompts)} prompts")
+    context = max_len or model.cfg.max_position_embeddings
+    eos = _eos_ids(tokenizer, eos_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    for name, row in zip(names, ids):
+        if len(row) + config.max_new_tokens > context:
+            raise ValueError(f"generate: {name}: prompt has {len(row)} tokens + max_new_tokens "
+                             f"{config.max_new_tokens} > context length {context}")
+    bsz = batch_size or len(ids)
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    results: list[Generation] = []
+    for j, start in enumerate(range(0, len(ids), bsz)):
+        chunk = ids[start:start + bsz]
+        rows = chunk + [chunk[0]] * (bsz - len(chunk))
+        longest = max(len(r) for r in rows)
+        width = -(-longest // config.pad_multiple) * config.pad_multiple
+        width = min(width, context - config.max_new_tokens)
+        arrays = left_pad(rows, pad_id, width)
+        if mesh is not None:
+            sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+            arrays = tuple(jax.device_put(a, sharding) for a in arrays)
+        out, length = decode(graphdef, state, *arrays, jax.random.fold_in(key, j),
+                             max_new_tokens=config.max_new_tokens, eos_ids=eos,
+                             temperature=float(config.temperature), top_p=float(config.top_p),
+                             cache_dtype=config.cache_dtype)
+        out, length = np.asarray(out), np.asarray(length)
+        for i, row in enumerate(chunk):
+            gen = [int(t) for t in out[i, :length[i]]]
+            reason = "eos" if length[i] < config.max_new_tokens else "length"
+            text, stopped = _cut_at_stop(tokenizer.decode(gen, skip_special_tokens=True),
+                                         config.stop_strings)
+            results.append(Generation(text=text, token_ids=gen,
+                                      finish_reason="stop" if stopped else reason,
+                                      prompt_tokens=len(row)))
+    return results

@@ -1,0 +1,120 @@
+"""generate.py: KV-cache decoding against a full-recompute reference, sampling, stops, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qtarget_jax.generate import (SamplingConfig, generate, left_pad, prompt_ids,
+                                  sample_logits)
+
+PROMPTS = ["ab", "hello there, how are you?", "x", "a much longer prompt than the others ab ab"]
+
+
+_FORWARD = nnx.jit(lambda m, x: m(x))
+WIDTH = 64
+
+
+def reference_greedy(model, ids, n, eos):
+    """Greedy by recomputing the whole row (no cache) each step. The row is right-padded to
+    WIDTH (one compile): causal attention keeps logits up to its length independent of that."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        row = np.zeros((1, WIDTH), np.int32)
+        row[0, :len(ids)] = ids
+        logits = np.asarray(_FORWARD(model, jnp.asarray(row)))[0, len(ids) - 1]
+        tok = int(logits.argmax())
+        if tok in eos:
+            break
+        out.append(tok)
+        ids.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_greedy_equals_full_recompute_with_left_padding(tiny_model, tokenizer, batch_size):
+    cfg = SamplingConfig(max_new_tokens=12, pad_multiple=8)
+    gens = generate(tiny_model, tokenizer, PROMPTS, cfg, batch_size=batch_size, eos_ids=[2])
+    assert len(gens) == len(PROMPTS)
+    for prompt, gen in zip(PROMPTS, gens):
+        want = reference_greedy(tiny_model, prompt_ids(tokenizer, prompt), 12, {2})
+        assert gen.token_ids == want, prompt
+        assert gen.finish_reason == ("length" if len(want) == 12 else "eos")
+        assert gen.text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_eos_stops_a_row(tiny_model, tokenizer):
+    """Make the first greedy token an EOS id: the row ends at once with no tokens."""
+    first = reference_greedy(tiny_model, prompt_ids(tokenizer, PROMPTS[1]), 1, set())[0]
+    gen = generate(tiny_model, tokenizer, [PROMPTS[1]], SamplingConfig(max_new_tokens=5),
+                   eos_ids=[first])[0]
+    assert (gen.token_ids, gen.finish_reason) == ([], "eos")
+
+
+def test_stop_string_cuts_text(tiny_model, tokenizer):
+    full = generate(tiny_model, tokenizer, [PROMPTS[0]], SamplingConfig(max_new_tokens=10),
+                    eos_ids=[2])[0]
+    assert len(full.text) >= 4
+    stop = full.text[2:4]
+    cut = generate(tiny_model, tokenizer, [PROMPTS[0]],
+                   SamplingConfig(max_new_tokens=10, stop_strings=(stop,)), eos_ids=[2])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+
+
+def test_left_pad_layout():
+    tokens, positions, segments = left_pad([[5, 6, 7], [9]], pad_id=0, width=4)
+    np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 9]])
+    np.testing.assert_array_equal(positions, [[0, 0, 1, 2], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(segments, [[0, 1, 1, 1], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="row 0 has 3 tokens"):
+        left_pad([[1, 2, 3]], 0, 2)
+
+
+def test_sampling_follows_softmax_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.key(0)
+    draws = np.asarray(sample_logits(logits, keys, 1.0, 1.0))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # top_p 0.7: keep {0, 1} (mass before token 2 is 0.8 >= 0.7), renormalised to 5/8, 3/8.
+    draws = np.asarray(sample_logits(logits, keys, 1.0, 0.7))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+    # temperature -> sharper; tiny top_p -> always the argmax.
+    assert set(np.asarray(sample_logits(logits, keys, 1.0, 1e-6))) == {0}
+    np.testing.assert_array_equal(sample_logits(logits[:2], keys, 0.0, 0.5), [0, 0])
+
+
+def test_sampled_generation_is_seeded(tiny_model, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    a = generate(tiny_model, tokenizer, PROMPTS[:2], cfg, seed=1, eos_ids=[2])
+    b = generate(tiny_model, tokenizer, PROMPTS[:2], cfg, seed=1, eos_ids=[2])
+    c = generate(tiny_model, tokenizer, PROMPTS[:2], cfg, seed=2, eos_ids=[2])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+
+
+def test_prompt_longer_than_context_names_the_example(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match=r"ex-7: prompt has \d+ tokens \+ max_new_tokens 8 > "
+                                         r"context length 40"):
+        generate(tiny_model, tokenizer, ["short", "y" * 60], SamplingConfig(max_new_tokens=8),
+                 names=["ex-1", "ex-7"], max_len=40)
+
+
+def test_sharded_batch_gives_the_same_tokens(tiny_model, tokenizer):
+    mesh = jax.make_mesh((4, 1, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    cfg = SamplingConfig(max_new_tokens=6)
+    plain = generate(tiny_model, tokenizer, PROMPTS, cfg, eos_ids=[2])
+    sharded = generate(tiny_model, tokenizer, PROMPTS, cfg, eos_ids=[2], mesh=mesh)
+    assert [g.token_ids for g in plain] == [g.token_ids for g in sharded]
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0),
+                                 dict(top_p=0.0), dict(cache_dtype="int8"),
+                                 dict(stop_strings="###")])
+def test_bad_sampling_config(bad):
+    with pytest.raises((ValueError, TypeError)):
+        SamplingConfig(**bad)
