@@ -166,7 +166,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
         from tqdm import tqdm
         bar = tqdm(total=cfg.run.steps, initial=start, unit="step", dynamic_ncols=True)
 
-    pending: Optional[tuple[int, Any, float]] = None  # (step number, metrics on device, t0)
+    pending: Optional[tuple[int, Any]] = None  # (step number, its metrics still on device)
     last: dict[str, float] = {}
     timer = [time.perf_counter()]
 
@@ -175,7 +175,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
         nonlocal pending, last
         if pending is None:
             return
-        step_no, m_dev, _ = pending
+        step_no, m_dev = pending
         pending = None
         m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
         _check_finite(step_no, m)
@@ -206,7 +206,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                 state, m_dev = step_fn(state, batch)
                 step_no += 1
                 flush()  # previous step: it ran while this one was dispatched
-                pending = (step_no, m_dev, 0.0)
+                pending = (step_no, m_dev)
                 ev = None
                 if cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0 and held_out:
                     ev = evaluate(eval_step, state, held_out, mesh)
@@ -226,7 +226,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                 bar.close()
             writer.close()
 
-    summary.update(stop_signal=stop.signal, final_step=step_no, last=last)
+    summary.update(stop_signal=stop.signal, final_step=step_no, last=last,
+                   compiles=step_fn._cache_size())
     if lead and cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
         metrics_lib.plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.checkpoint.export_hf and step_no == cfg.run.steps:

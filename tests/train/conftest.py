@@ -14,11 +14,14 @@ class TinyLM(nnx.Module):
 
     def __init__(self, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.5)
-        self.embed = nnx.Param(init(rngs.params(), (V, D)), out_sharding=("vocab", "embed"))
-        self.norm = nnx.Param(jnp.ones((D,)), out_sharding=("embed",))
-        self.w1 = nnx.Param(init(rngs.params(), (D, F)), out_sharding=("embed", "mlp"))
-        self.b1 = nnx.Param(jnp.zeros((F,)), out_sharding=("mlp",))
-        self.w2 = nnx.Param(init(rngs.params(), (F, D)), out_sharding=("mlp", "embed"))
+
+        def param(value, axes):
+            return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+        self.embed = param(init(rngs.params(), (V, D)), ("vocab", "embed"))
+        self.norm = param(jnp.ones((D,)), ("embed",))
+        self.w1 = param(init(rngs.params(), (D, F)), ("embed", "mlp"))
+        self.b1 = param(jnp.zeros((F,)), ("mlp",))
+        self.w2 = param(init(rngs.params(), (F, D)), ("mlp", "embed"))
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         x = self.embed[...][tokens] * self.norm[...][None, None, :]
@@ -47,12 +50,6 @@ def make_batch(seed: int, b: int = 8, t: int = 12) -> dict:
     return {"tokens": tokens, "labels": labels, "loss_mask": mask,
             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
             "segment_ids": np.ones((b, t), np.int32)}
-
-
-@pytest.fixture
-def tiny_model():
-    nnx.use_eager_sharding(False)
-    return TinyLM(rngs=nnx.Rngs(0))
 
 
 def write_char_tokenizer(folder) -> str:

@@ -13,7 +13,6 @@ from tests.train.conftest import RULES, TinyLM, ce_loss, make_batch
 
 
 def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None):
-    nnx.use_eager_sharding(False)
     mesh = mesh_lib.make_mesh(sizes, devices)
     tx, sched = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1, clip_norm=1.0),
                                ScheduleSection(warmup_steps=1), steps)
