@@ -193,8 +193,11 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
 
+    saved = [start]  # last step saved or restored (an in-flight async save counts)
+
     def save(step_no: int, eval_metrics: Optional[dict] = None) -> None:
         flush()  # the state about to be saved must have a finite loss
+        saved[0] = step_no
         ckpt.save(step_no, state.checkpoint_items(), _all_process_states(train_it.get_state()),
                   metrics=eval_metrics or None)
 
@@ -214,7 +217,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                 if step_no % cfg.checkpoint.every_steps == 0 or step_no == cfg.run.steps:
                     save(step_no, ev)
             flush()
-            if stop and ckpt.latest_step() != step_no:
+            if stop and saved[0] != step_no:
                 log.warning("%s: saving step %d and exiting", stop.signal, step_no)
                 save(step_no)
             if step_no == cfg.run.steps and held_out:
