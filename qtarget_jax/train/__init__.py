@@ -1,0 +1,15 @@
+"""Training: mesh + shardings, optax chain, sharded state, the pure step, and the loop.
+
+    mesh.py     Mesh ("data", "fsdp", "tensor"), logical-rule shardings, global batches
+    optim.py    clip -> AdamW/SGD with masked weight decay, warmup + cosine/linear schedules
+    state.py    TrainState (step, params, opt_state, rng, teacher, rest) created sharded
+    step.py     train_step(state, batch) -> (state, metrics), jitted once
+    loop.py     run(loaded_config): data, checkpoints, resume, signals, metrics
+    build.py    models, teacher, tokenizer, iterators, jax.distributed from the config
+    metrics.py  JSONL / TensorBoard / curves, FLOPs and MFU
+    signals.py  SIGTERM / SIGINT -> save and stop
+"""
+from qtarget_jax.train.state import TrainState
+from qtarget_jax.train.step import train_step
+
+__all__ = ["TrainState", "train_step"]
