@@ -1,5 +1,4 @@
 """Checkpoint retention (last K + best) and restore; metrics JSONL, curves, MFU."""
-import json
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import make_optimizer
 from qtarget_jax.train.state import init_state
 from qtarget_jax.train.step import jit_train_step, split_microbatches
-from tests.train.conftest import RULES, TinyLM, ce_loss, make_batch
+from tests.train.tiny_lm import RULES, TinyLM, ce_loss, make_batch
 
 
 def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None):
