@@ -35,3 +35,13 @@ def test_doc_example_runs():
     scope = {}
     exec(block.group(1), scope)  # noqa: S102 - our own documentation
     assert np.isfinite(scope["loss"]) and float(scope["metrics"]["tokens"]) == 16
+
+
+def test_readme_five_line_example_runs():
+    readme = DOC.parents[1] / "README.md"
+    block = re.search(r"## A Target-SFT loss in five lines\n\n```python\n(.*?)```",
+                      readme.read_text(), re.S)
+    scope = {}
+    exec(block.group(1), scope)  # noqa: S102 - our own documentation
+    assert np.isfinite(scope["loss"]) and float(scope["metrics"]["tokens"]) == 64
+    assert 0.0 < float(scope["metrics"]["gamma"]) < 1.0
