@@ -149,11 +149,11 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     done = jnp.zeros((b,), bool)
 
     def cond(carry):
-        step, _, _, _, _, done = carry
+        step, _, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, last_logits, out, length, done = carry
+        step, cache, last_logits, out, length, done, params = carry
         tok = sample_logits(last_logits, jax.random.fold_in(rng, step), temperature, top_p)
         prev = jnp.where(step > 0, out[:, jnp.maximum(step - 1, 0)], tok)
         tok = jnp.where(done, prev, tok)                   # a finished row repeats its EOS
@@ -161,12 +161,15 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
         hit = jnp.any(tok[:, None] == eos[None, :], axis=-1) & ~done
         length = jnp.where(hit, step, length)
         done = done | hit
-        logits, cache = model(tok[:, None], (next_pos + step)[:, None],
-                              jnp.ones((b, 1), jnp.int32), cache=cache)
-        return step + 1, cache, logits[:, -1], out, length, done
+        # The params ride in the carry and the model is merged inside the body: nnx.scan
+        # (scan_layers) refuses modules or arrays from the outer trace level.
+        step_model = nnx.merge(graphdef, params)
+        logits, cache = step_model(tok[:, None], (next_pos + step)[:, None],
+                                   jnp.ones((b, 1), jnp.int32), cache=cache)
+        return step + 1, cache, logits[:, -1], out, length, done, params
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], out, length, done)
-    _, _, _, out, length, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], out, length, done, state)
+    _, _, _, out, length, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, length
 
 

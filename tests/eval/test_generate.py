@@ -44,6 +44,19 @@ def test_greedy_equals_full_recompute_with_left_padding(tiny_model, tokenizer, b
         assert gen.text == tokenizer.decode(want, skip_special_tokens=True)
 
 
+def test_scan_layers_model_gives_the_same_tokens(tiny_model, tokenizer):
+    """The stacked (nnx.scan) layout decodes inside lax.while_loop too, with the same tokens."""
+    from qtarget_jax.models import export_params, load_params
+    from qtarget_jax.models.params import DictSource
+
+    scanned = load_params(tiny_model.cfg.replace(scan_layers=True),
+                          DictSource(export_params(tiny_model)))
+    cfg = SamplingConfig(max_new_tokens=6)
+    want = generate(tiny_model, tokenizer, PROMPTS[:2], cfg, eos_ids=[2])
+    got = generate(scanned, tokenizer, PROMPTS[:2], cfg, eos_ids=[2])
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+
+
 def test_eos_stops_a_row(tiny_model, tokenizer):
     """Make the first greedy token an EOS id: the row ends at once with no tokens."""
     first = reference_greedy(tiny_model, prompt_ids(tokenizer, PROMPTS[1]), 1, set())[0]

@@ -1,0 +1,61 @@
+"""`python -m qtarget_jax.evaluate`: accuracy, Average@k, held-out loss of a model on a JSONL set.
+
+Examples:
+  python -m qtarget_jax.evaluate --model smollm2 --data data/synth/test.jsonl --limit 50
+  python -m qtarget_jax.evaluate --model runs/x/hf --data data/synth/test.jsonl --samples 16
+  python -m qtarget_jax.evaluate --run-dir runs/smollm2_target_sft --data data/synth/test.jsonl
+
+Prints one JSON line of metrics; --out writes the per-example outputs as JSONL.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m qtarget_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="'smollm2', a .gguf file or a Hugging Face folder")
+    src.add_argument("--run-dir", help="a training run folder (config.yaml + checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    p.add_argument("--data", required=True, help="JSONL of chat rows with 'answer' or ####")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--samples", type=int, default=0, help="k for Average@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=256, help="for the held-out loss")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--out", default=None, help="per-example JSONL output path")
+    args = p.parse_args(argv)
+
+    from qtarget_jax.evaluate.loading import load_checkpoint, load_source
+    from qtarget_jax.evaluate.runner import evaluate_model, load_examples
+
+    t0 = time.perf_counter()
+    examples = load_examples(args.data, args.limit)
+    info = {}
+    if args.run_dir:
+        model, tokenizer, step = load_checkpoint(args.run_dir, args.step)
+        info = {"run_dir": args.run_dir, "step": step}
+    else:
+        model, tokenizer = load_source(args.model)
+        info = {"model": args.model}
+    metrics = evaluate_model(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, num_samples=args.samples,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             loss_seq_len=None if args.no_loss else args.seq_len,
+                             out_path=args.out)
+    out = {**info, "data": args.data, **metrics, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
