@@ -29,21 +29,27 @@ from qtarget_jax.targets.losses import (
     IGNORE_INDEX, METRIC_NAMES, NORMALIZATIONS, _as_spec, safe_divide)
 from qtarget_jax.targets.spec import TargetSpec
 
-# Elements of one [C, V] logits chunk when chunk_size is None: 2**22 floats = 16 MiB in float32.
-# A chunk's loss and gradient keep about ten such buffers alive (docs/performance.md).
-DEFAULT_CHUNK_ELEMENTS = 2 ** 22
+# Elements of one [C, V] logits chunk when chunk_size is None: 2**24 floats = 64 MiB in float32.
+# A chunk's loss and gradient keep about three such float32 buffers alive (measured with
+# memory_analysis, docs/performance.md); larger chunks amortise the per-chunk dW update.
+DEFAULT_CHUNK_ELEMENTS = 2 ** 24
 
 
 def default_chunk_size(n_tokens: int, vocab: int, multiple: int = 8) -> int:
-    """Tokens per chunk: DEFAULT_CHUNK_ELEMENTS // V, a multiple of `multiple`, at most N.
+    """Tokens per chunk: at most DEFAULT_CHUNK_ELEMENTS // V, spread so padding stays small.
+
+    The number of chunks is ceil(N / C_max); C is N / chunks rounded up to `multiple`, so the
+    last chunk is nearly full (N = 256, C_max = 80 gives 4 chunks of 64, not 4 of 80).
 
     Args:
       n_tokens: N, the number of token rows.
       vocab: V.
-      multiple: C is rounded to a multiple of this (the token-shard count under sharding).
+      multiple: C is a multiple of this (the token-shard count under sharding).
     """
-    per_chunk = max(multiple, DEFAULT_CHUNK_ELEMENTS // vocab // multiple * multiple)
-    return min(per_chunk, -(-max(n_tokens, 1) // multiple) * multiple)
+    c_max = max(multiple, DEFAULT_CHUNK_ELEMENTS // vocab // multiple * multiple)
+    n_chunks = -(-max(n_tokens, 1) // c_max)
+    per_chunk = -(-max(n_tokens, 1) // n_chunks)
+    return -(-per_chunk // multiple) * multiple
 
 
 def _check_shapes(hidden, lm_head, labels, teacher_hidden, teacher_lm_head, teacher_logits):
