@@ -240,8 +240,10 @@ def main(argv: list[str]) -> None:
                       os.path.join(cfg.out_dir, "eval_teacher.jsonl"))
         log({"event": "eval", "method": "teacher (clean SFT)", "seed": 0, **ev,
              "seconds": round(time.perf_counter() - t0, 1)})
-    for m in methods:
-        for seed in cfg.seeds:
+    # Seeds outside, methods inside: a run stopped early still has every method at the first
+    # seeds. Each method's step is compiled at its first seed and reused afterwards.
+    for seed in cfg.seeds:
+        for m in methods:
             t0 = time.perf_counter()
             teach = {"none": None, "trained": teacher, "initial": base}[m.teacher]
             model, losses = trainer.train(m.name, m.target, train_noisy, seed=seed,
