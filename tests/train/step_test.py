@@ -1,5 +1,6 @@
 """Train step: 1 device == 8 devices (fsdp=4 x tensor=2), accumulation == big batch, one compile."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,14 +13,15 @@ from qtarget_jax.train.step import jit_train_step, split_microbatches
 from tests.train.tiny_lm import RULES, TinyLM, ce_loss, make_batch
 
 
-def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None):
+def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None,
+              compute_dtype=np.float32):
     mesh = mesh_lib.make_mesh(sizes, devices)
     tx, sched = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1, clip_norm=1.0),
                                ScheduleSection(warmup_steps=1), steps)
     built = init_state(TinyLM(rngs=nnx.Rngs(0)), tx, mesh, RULES, seed=0)
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh),
                           graphdef=built.graphdef, loss_fn=ce_loss, tx=tx, schedule=sched,
-                          microbatches=microbatches, compute_dtype=np.float32)
+                          microbatches=microbatches, compute_dtype=compute_dtype)
     state, losses = built.state, []
     for i in range(steps):
         batch = batches[i] if batches else make_batch(i)
@@ -44,6 +46,15 @@ def test_accumulated_equals_big_batch():
     _, acc, _ = run_steps({"data": -1, "fsdp": 4, "tensor": 2}, microbatches=2)
     # Microbatches with unequal token counts: only the global token mean makes these agree.
     np.testing.assert_allclose(big, acc, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_tracks_float32_and_keeps_f32_master_weights():
+    _, f32, _ = run_steps({"data": 1}, devices=jax.devices()[:1])
+    state, bf16, _ = run_steps({"data": 1}, devices=jax.devices()[:1],
+                               compute_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(bf16, f32, rtol=2e-2)
+    assert bf16 != f32  # the cast happened
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
 
 def test_split_microbatches_keeps_rows():
