@@ -33,6 +33,11 @@ def test_eight_devices_fsdp_tensor_match_one_device(one_device):
     assert compiles == 1 and one_device[1] == 1
 
 
+def test_remat_gives_the_same_losses(one_device):
+    losses, _ = worker.run_losses({"data": 1}, jax.devices()[:1], remat_policy="full")
+    np.testing.assert_allclose(losses, one_device[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_two_processes_two_devices_match_one_device(tmp_path, one_device):
     port, out = _free_port(), tmp_path / "losses.json"

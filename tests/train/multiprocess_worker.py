@@ -29,7 +29,7 @@ def global_batches():
     return out
 
 
-def run_losses(mesh_sizes, devices=None, microbatches=1):
+def run_losses(mesh_sizes, devices=None, microbatches=1, **model_changes):
     """Losses of STEPS steps; each process feeds only its contiguous share of the rows."""
     import jax
     from flax import nnx
@@ -47,7 +47,7 @@ def run_losses(mesh_sizes, devices=None, microbatches=1):
     tx, sched = make_optimizer(OptimSection(lr=1e-2), ScheduleSection(warmup_steps=1), STEPS)
     spec = spec_from_dict(TARGET)
     assert spec.needs_teacher
-    built = init_state(Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(0)), tx, mesh,
+    built = init_state(Decoder(ModelConfig(**MODEL, **model_changes), rngs=nnx.Rngs(0)), tx, mesh,
                        dict(LOGICAL_RULES), seed=0,
                        teacher=Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(1)))
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh),
