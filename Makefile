@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast train clean
+.PHONY: venv test test-fast train data clean
+
+SYNTH := data/tfds/jsonl_sft/synth/1.0.0
+TRAIN_RUN := runs/smollm2_target_sft
 
 venv: $(STAMP)
 
@@ -24,6 +27,19 @@ test: venv
 
 test-fast: venv
 	$(TEST_ENV) $(PY) -m pytest -n 2 -q -m "not slow" tests
+
+# The synthetic reasoning set as a tfds (array_record) dataset; made once.
+data: venv
+	test -d $(SYNTH) || ( \
+	  $(PY) -m qtarget_jax.data synth --out data/synth --n-train 2000 --n-test 200 && \
+	  $(PY) -m qtarget_jax.data prepare --split train=data/synth/train.jsonl \
+	      --split test=data/synth/test.jsonl --out data/tfds --name synth )
+
+# The main job: Target-SFT of the embedded SmolLM2-135M-Instruct, a fresh run each time
+# (python train.py with the same config resumes instead).
+train: data
+	rm -rf $(TRAIN_RUN)
+	$(PY) train.py --config configs/smollm2_target_sft.yaml run.dir=$(TRAIN_RUN)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
