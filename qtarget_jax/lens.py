@@ -164,11 +164,12 @@ def main(argv: list[str] | None = None) -> list[LensRow]:
     rows = target_lens(model, tokenizer, spec, args.prompt, args.response, teacher=teacher,
                        top=args.top)
     knobs = ", ".join(args.knob)
-    print(f"target lens: model={args.model} preset={args.preset} {knobs} "
-          f"teacher={args.teacher or ('model itself' if spec.needs_teacher else 'none')}")
+    title = (f"target lens: model={args.model} preset={args.preset} {knobs} "
+             f"teacher={args.teacher or ('model itself' if spec.needs_teacher else 'none')}")
+    print(title)
     print(render_table(rows))
     if args.png:
-        plot_lens(rows, args.png, f"{args.preset} {knobs} on {args.model}")
+        plot_lens(rows, args.png, title)
         print(f"wrote {args.png}")
     return rows
 
