@@ -1,6 +1,6 @@
 """Target-SFT vs SFT and friends on SmolLM2-135M-Instruct with noisy synthetic demonstrations.
 
-    .venv/bin/python experiments/run.py --config experiments/quick.yaml   # see experiments/README.md
+    .venv/bin/python experiments/run.py --config experiments/quick.yaml  # experiments/README.md
 
 One process, methods run one after the other: every run starts from the same initial weights
 and uses the training step of `qtarget_jax.train` (the `make train` code); a method's jitted

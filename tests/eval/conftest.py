@@ -13,7 +13,8 @@ from io_helpers import make_tokenizer  # noqa: E402
 
 from qtarget_jax.models import Decoder, ModelConfig  # noqa: E402
 
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
+            num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
 
 
