@@ -59,7 +59,8 @@ class DataSection:
 class LossSection:
     target: dict = dataclasses.field(default_factory=lambda: {"preset": "sft"})  # TargetSpec
     normalization: Literal["token", "sequence", "constant"] = "token"
-    fused: bool = False  # fused loss from hidden states (not implemented yet: must stay false)
+    fused: bool = True  # loss from hidden states + head, chunked (false: full logits, debugging)
+    normalizer: float = 0.0  # normalization="constant": loss sum / (normalizer x rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,10 @@ class TrainConfig:
             raise ConfigError(
                 f"data.batch_size ({d.batch_size}) must be a positive multiple of "
                 f"data.microbatches ({d.microbatches})")
-        if self.loss.fused:
-            raise ConfigError("loss.fused=true: the fused hidden-state loss is not available yet")
+        if self.loss.normalization == "constant" and self.loss.normalizer <= 0:
+            raise ConfigError(
+                f"loss.normalization=constant needs loss.normalizer > 0 (e.g. the sequence "
+                f"length), got {self.loss.normalizer}")
         if self.run.steps < 1:
             raise ConfigError(f"run.steps must be >= 1, got {self.run.steps}")
 

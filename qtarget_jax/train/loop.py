@@ -25,7 +25,7 @@ from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import make_optimizer
 from qtarget_jax.train.signals import StopRequest
 from qtarget_jax.train.state import init_state
-from qtarget_jax.train.step import DIAGNOSTICS, jit_train_step, logits_loss
+from qtarget_jax.train.step import DIAGNOSTICS, jit_train_step, make_loss_fn
 
 log = logging.getLogger("qtarget_jax.train")
 
@@ -118,7 +118,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     del model, teacher
     state = built.state
     bsh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    loss_fn = logits_loss(spec, cfg.loss.normalization)  # the fused variant plugs in here
+    loss_fn = make_loss_fn(spec, cfg.loss.normalization, fused=cfg.loss.fused, mesh=mesh,
+                           normalizer=cfg.loss.normalizer or None)
     dtype = jnp.dtype(cfg.model.compute_dtype)
     step_fn = jit_train_step(built.shardings, bsh, rep, graphdef=built.graphdef,
                              loss_fn=loss_fn, tx=tx, schedule=schedule,

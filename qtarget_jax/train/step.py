@@ -23,7 +23,7 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 DIAGNOSTICS = ("gamma", "p_y", "accuracy", "entropy", "kl_q_p")
 
 
-def logits_loss(spec, normalization: str) -> LossFn:
+def logits_loss(spec, normalization: str, normalizer: float | None = None) -> LossFn:
     """The Q-target loss on full logits [B, T, V]; teacher logits from the frozen teacher."""
     from qtarget_jax.targets import qtarget_loss_sums
 
@@ -33,8 +33,38 @@ def logits_loss(spec, normalization: str) -> LossFn:
         teacher_logits = None if teacher is None else jax.lax.stop_gradient(forward(teacher))
         return qtarget_loss_sums(forward(model), batch["labels"], batch["loss_mask"], spec,
                                  teacher_logits=teacher_logits, weights=batch.get("weights"),
-                                 normalization=normalization)
+                                 normalization=normalization, normalizer=normalizer)
     return loss_fn
+
+
+def hidden_loss(spec, normalization: str, normalizer: float | None = None,
+                sharding=None) -> LossFn:
+    """The fused Q-target loss from final hidden states [B, T, D] and the head [D, V]: logits
+    exist only chunk by chunk; the teacher's chunks come from its own hidden states and head."""
+    from qtarget_jax.targets import fused_qtarget_loss_sums
+
+    def loss_fn(model, batch, teacher):
+        def hidden(m):
+            return m(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        h = hidden(model)
+        kw = {} if teacher is None else {
+            "teacher_hidden": jax.lax.stop_gradient(hidden(teacher)),
+            "teacher_lm_head": jax.lax.stop_gradient(teacher.lm_head_kernel().astype(h.dtype))}
+        return fused_qtarget_loss_sums(h, model.lm_head_kernel().astype(h.dtype), batch["labels"],
+                                       batch["loss_mask"], spec, weights=batch.get("weights"),
+                                       normalization=normalization, normalizer=normalizer,
+                                       sharding=sharding, **kw)
+    return loss_fn
+
+
+def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
+                 normalizer: float | None = None) -> LossFn:
+    """The step's loss, chosen once: fused over hidden states (default) or on full logits."""
+    if not fused:
+        return logits_loss(spec, normalization, normalizer)
+    from qtarget_jax.targets import ChunkSharding
+    return hidden_loss(spec, normalization, normalizer,
+                       None if mesh is None else ChunkSharding(mesh))
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:

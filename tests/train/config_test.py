@@ -19,6 +19,7 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
     ("data.microbatches=3", "data.batch_size (8) must be a positive multiple of "
                             "data.microbatches (3)"),
     ("optim.lr", "expected key=value"),
+    ("loss.normalization=constant", "loss.normalization=constant needs loss.normalizer > 0"),
 ])
 def test_errors_name_key_and_suggest(override, message):
     with pytest.raises(ConfigError) as err:

@@ -1,5 +1,6 @@
 """Same losses (1e-5) on 1 device, on 8 devices (fsdp=4 x tensor=2) and on 2 processes x 2
-devices (jax.distributed on localhost, gloo); the step compiles once in each."""
+devices (jax.distributed on localhost, gloo; with the fused loss), and for the fused loss against
+the full-logits loss; the step compiles once in each."""
 import json
 import os
 import pathlib
@@ -31,6 +32,15 @@ def test_eight_devices_fsdp_tensor_match_one_device(one_device):
     losses, compiles = worker.run_losses({"data": -1, "fsdp": 4, "tensor": 2})
     np.testing.assert_allclose(losses, one_device[0], rtol=1e-5, atol=1e-5)
     assert compiles == 1 and one_device[1] == 1
+
+
+def test_fused_loss_step_matches_logits_step(one_device):
+    """The default fused loss (hidden states + head, vocab-parallel chunks) trains identically."""
+    fused_one, _ = worker.run_losses({"data": 1}, jax.devices()[:1], fused=True)
+    np.testing.assert_allclose(fused_one, one_device[0], rtol=1e-5, atol=1e-5)
+    fused_eight, compiles = worker.run_losses({"data": -1, "fsdp": 4, "tensor": 2}, fused=True)
+    np.testing.assert_allclose(fused_eight, one_device[0], rtol=1e-5, atol=1e-5)
+    assert compiles == 1
 
 
 def test_remat_gives_the_same_losses(one_device):

@@ -29,7 +29,7 @@ def global_batches():
     return out
 
 
-def run_losses(mesh_sizes, devices=None, microbatches=1, **model_changes):
+def run_losses(mesh_sizes, devices=None, microbatches=1, fused=False, **model_changes):
     """Losses of STEPS steps; each process feeds only its contiguous share of the rows."""
     import jax
     from flax import nnx
@@ -41,7 +41,7 @@ def run_losses(mesh_sizes, devices=None, microbatches=1, **model_changes):
     from qtarget_jax.train import mesh as mesh_lib
     from qtarget_jax.train.optim import make_optimizer
     from qtarget_jax.train.state import init_state
-    from qtarget_jax.train.step import jit_train_step, logits_loss
+    from qtarget_jax.train.step import jit_train_step, make_loss_fn
 
     mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     tx, sched = make_optimizer(OptimSection(lr=1e-2), ScheduleSection(warmup_steps=1), STEPS)
@@ -52,7 +52,7 @@ def run_losses(mesh_sizes, devices=None, microbatches=1, **model_changes):
                        teacher=Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(1)))
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh),
                           mesh_lib.replicated(mesh), graphdef=built.graphdef,
-                          loss_fn=logits_loss(spec, "token"), tx=tx,
+                          loss_fn=make_loss_fn(spec, "token", fused=fused, mesh=mesh), tx=tx,
                           schedule=sched, microbatches=microbatches, compute_dtype="float32")
     state, losses = built.state, []
     p, n = jax.process_index(), jax.process_count()
@@ -70,7 +70,7 @@ def main(pid: int, nproc: int, port: int, ndev: int, out: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", nproc, pid)
     assert jax.device_count() == nproc * ndev and jax.local_device_count() == ndev
-    losses, compiles = run_losses({"data": 1, "fsdp": -1, "tensor": 2})
+    losses, compiles = run_losses({"data": 1, "fsdp": -1, "tensor": 2}, fused=True)
     if pid == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "compiles": compiles}, f)
