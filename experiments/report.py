@@ -15,19 +15,29 @@ import sys
 import numpy as np
 
 
-def load_runs(path: str) -> tuple[dict, list[dict], float | None]:
-    """(start event config, eval events, wall seconds or None when the run is unfinished)."""
-    config, evals, wall = {}, [], None
+def load_runs(path: str) -> tuple[dict, list[dict], float, bool]:
+    """(config, eval events, wall seconds, finished) of the last config in `path`.
+
+    run.py resumes an interrupted experiment by re-logging the finished (method, seed) records
+    after a new `start` event, so the evals are those after the last start; the wall time is the
+    sum of every segment run under that config (each segment's last `elapsed_s`).
+    """
+    config, evals, segments, finished = {}, [], [], False
     with open(path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if rec["event"] == "start":
-                config, evals = rec["config"], []  # a restarted run keeps only the last one
+                if rec["config"] != config:
+                    segments = []
+                config, evals, finished = rec["config"], [], False
+                segments.append(0.0)
             elif rec["event"] == "eval":
                 evals.append(rec)
             elif rec["event"] == "done":
-                wall = rec["wall_s"]
-    return config, evals, wall
+                finished = True
+            if segments and "elapsed_s" in rec:
+                segments[-1] = rec["elapsed_s"]
+    return config, evals, float(sum(segments)), finished
 
 
 def summarize(evals: list[dict]) -> list[dict]:
@@ -58,7 +68,7 @@ def _fmt(cell: dict | None, pct: bool = True) -> str:
         f"{cell['mean']:.3f} ± {cell['std']:.3f}"
 
 
-def markdown(rows: list[dict], config: dict, wall: float | None) -> str:
+def markdown(rows: list[dict], config: dict, wall: float, finished: bool) -> str:
     k = config.get("samples", 0)
     avg_key = f"eval/avg@{k}"
     head = ("| method | teacher | seeds | greedy acc % (mean ± sd) | greedy min-max | "
@@ -79,7 +89,7 @@ def markdown(rows: list[dict], config: dict, wall: float | None) -> str:
                  f"{config.get('steps')} steps of batch {config.get('batch_size')} at lr "
                  f"{config.get('lr')} on {config.get('n_train')} problems x "
                  f"{config.get('phrasings')} phrasings, noise {config.get('noise')}. Wall time: "
-                 f"{'unfinished' if wall is None else f'{wall / 60:.1f} min'}.")
+                 f"{wall / 60:.1f} min{'' if finished else ' (run not finished)'}.")
     return "\n".join(lines)
 
 
@@ -107,11 +117,12 @@ def plot(rows: list[dict], k: int, path: str) -> None:
 
 
 def main(out_dir: str) -> str:
-    config, evals, wall = load_runs(os.path.join(out_dir, "runs.jsonl"))
+    config, evals, wall, finished = load_runs(os.path.join(out_dir, "runs.jsonl"))
     rows = summarize(evals)
-    table = markdown(rows, config, wall)
+    table = markdown(rows, config, wall, finished)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"config": config, "wall_s": wall, "methods": rows}, f, indent=1)
+        json.dump({"config": config, "wall_s": wall, "finished": finished, "methods": rows},
+                  f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot(rows, config.get("samples", 0), os.path.join(out_dir, "accuracy.png"))

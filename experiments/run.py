@@ -183,7 +183,8 @@ def get_teacher(trainer: Trainer, tokenizer, clean, cfg: ExperimentConfig, log) 
     marker = os.path.join(cfg.teacher_dir, "config.json")
     if os.path.isfile(marker):
         log({"event": "teacher_loaded", "dir": cfg.teacher_dir})
-        return load_hf(cfg.teacher_dir, dtype="float32")[0]
+        # The student's layer layout (scan): the step merges teacher params with its graphdef.
+        return load_hf(cfg.teacher_dir, dtype="float32", scan_layers=True)[0]
     t0 = time.perf_counter()
     teacher, losses = trainer.train("teacher", {"preset": "sft"}, clean, seed=0,
                                     steps=cfg.teacher_steps, lr=cfg.teacher_lr, teacher=None)
@@ -191,6 +192,23 @@ def get_teacher(trainer: Trainer, tokenizer, clean, cfg: ExperimentConfig, log) 
     log({"event": "teacher_trained", "dir": cfg.teacher_dir, "first_loss": losses[0],
          "last_loss": losses[-1], "seconds": round(time.perf_counter() - t0, 1)})
     return teacher
+
+
+def finished_runs(runs_path: str, cfg: ExperimentConfig) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> eval record of runs already in `runs_path` under this same config, so
+    re-running the command resumes an interrupted experiment instead of repeating it."""
+    if not os.path.isfile(runs_path):
+        return {}
+    same, done = False, {}
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    with open(runs_path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["event"] == "start":
+                same = rec["config"] == want
+            elif rec["event"] == "eval" and same:
+                done[(rec["method"], rec["seed"])] = rec
+    return done
 
 
 def main(argv: list[str]) -> None:
@@ -203,6 +221,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(cfg.out_dir, exist_ok=True)
     runs_path = os.path.join(cfg.out_dir, "runs.jsonl")
     start = time.perf_counter()
+    done = finished_runs(runs_path, cfg)
 
     def log(rec: dict) -> None:
         rec = {**rec, "elapsed_s": round(time.perf_counter() - start, 1)}
@@ -219,31 +238,40 @@ def main(argv: list[str]) -> None:
     assert clean["test"] == noisy["test"]
     noise_frac = float(np.mean([r["noise"] is not None for r in noisy["train"]]))
     log({"event": "start", "config": dataclasses.asdict(cfg), "noisy_fraction": noise_frac,
-         "devices": str(jax.devices()[0])})
+         "devices": str(jax.devices()[0]), "resumed_runs": len(done)})
     train_noisy = tokenize_rows(tokenizer, noisy["train"], cfg.seq_len)
     train_clean = tokenize_rows(tokenizer, clean["train"], cfg.seq_len)
     examples = eval_examples(noisy["test"][:cfg.eval_problems])
     trainer = Trainer(base, cfg)
 
-    t0 = time.perf_counter()
-    before = run_eval(base, tokenizer, examples, cfg, 0, os.path.join(cfg.out_dir,
-                                                                      "eval_before.jsonl"))
-    log({"event": "eval", "method": "before fine-tuning", "seed": 0, **before,
-         "seconds": round(time.perf_counter() - t0, 1)})
+    if ("before fine-tuning", 0) in done:
+        log(done[("before fine-tuning", 0)])
+    else:
+        t0 = time.perf_counter()
+        before = run_eval(base, tokenizer, examples, cfg, 0, os.path.join(cfg.out_dir,
+                                                                          "eval_before.jsonl"))
+        log({"event": "eval", "method": "before fine-tuning", "seed": 0, **before,
+             "seconds": round(time.perf_counter() - t0, 1)})
     methods = [m for m in cfg.methods
                if args.only is None or m.name in args.only.split(",")]
     teacher = None
     if any(m.teacher == "trained" for m in methods):
         teacher = get_teacher(trainer, tokenizer, train_clean, cfg, log)
-        t0 = time.perf_counter()
-        ev = run_eval(teacher, tokenizer, examples, cfg, 0,
-                      os.path.join(cfg.out_dir, "eval_teacher.jsonl"))
-        log({"event": "eval", "method": "teacher (clean SFT)", "seed": 0, **ev,
-             "seconds": round(time.perf_counter() - t0, 1)})
+        if ("teacher (clean SFT)", 0) in done:
+            log(done[("teacher (clean SFT)", 0)])
+        else:
+            t0 = time.perf_counter()
+            ev = run_eval(teacher, tokenizer, examples, cfg, 0,
+                          os.path.join(cfg.out_dir, "eval_teacher.jsonl"))
+            log({"event": "eval", "method": "teacher (clean SFT)", "seed": 0, **ev,
+                 "seconds": round(time.perf_counter() - t0, 1)})
     # Seeds outside, methods inside: a run stopped early still has every method at the first
     # seeds. Each method's step is compiled at its first seed and reused afterwards.
     for seed in cfg.seeds:
         for m in methods:
+            if (m.name, seed) in done:
+                log({**done[(m.name, seed)], "resumed": True})
+                continue
             t0 = time.perf_counter()
             teach = {"none": None, "trained": teacher, "initial": base}[m.teacher]
             model, losses = trainer.train(m.name, m.target, train_noisy, seed=seed,
