@@ -80,6 +80,32 @@ def check_inputs(logits, labels, mask=None, teacher_logits=None, weights=None) -
                 "token weights are label trust gamma_t")
 
 
+def check_loss_args(spec, labels, *, has_teacher: bool, teacher_hint: str, weights,
+                    normalization: str, normalizations, normalizer, segment_ids) -> None:
+    """The loss arguments beyond the arrays: spec needs met, normalisation known and complete.
+
+    Args:
+      spec: the TargetSpec. labels: [...] int (for the segment_ids shape check).
+      has_teacher: whether a teacher was passed; teacher_hint: what to pass when it is missing.
+      weights: [...] or None. normalization / normalizations: the choice and the known ones.
+      normalizer: the "constant" normalisation's constant. segment_ids: [...] int or None.
+    """
+    if normalization not in normalizations:
+        raise ValueError(f"normalization={normalization!r}; choose one of {normalizations}")
+    if spec.needs_teacher and not has_teacher:
+        raise ValueError(
+            f"target {spec.name!r} needs {teacher_hint} (residual={spec.residual!r}, "
+            f"eta={spec.eta}), but none were passed")
+    if spec.needs_weights and weights is None:
+        raise ValueError(f"target {spec.name!r} needs per-token `weights`, but none were passed")
+    if normalization == "constant" and not (normalizer and normalizer > 0):
+        raise ValueError(f"normalization='constant' needs normalizer > 0, got {normalizer}")
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"Incorrect shapes: segment_ids {tuple(segment_ids.shape)} must equal labels "
+            f"{tuple(labels.shape)}")
+
+
 def check_teacher_tokenizer(student_vocab, teacher_vocab) -> None:
     """Raise unless two tokenizers map the same ids to the same token strings.
 

@@ -26,7 +26,7 @@ from qtarget_jax.targets import checks
 from qtarget_jax.targets.fused_chunks import (
     ChunkPlan, ChunkSharding, chunk_rows, weighted_loss_sums)
 from qtarget_jax.targets.losses import (
-    IGNORE_INDEX, METRIC_NAMES, NORMALIZATIONS, _as_spec, safe_divide)
+    IGNORE_INDEX, METRIC_NAMES, NORMALIZATIONS, as_spec, safe_divide)
 from qtarget_jax.targets.spec import TargetSpec
 
 # Elements of one [C, V] logits chunk when chunk_size is None: 2**24 floats = 64 MiB in float32.
@@ -159,27 +159,18 @@ def fused_qtarget_loss_sums(
     """
     if spec is None:
         raise ValueError("fused_qtarget_loss_sums needs a spec (a TargetSpec or a preset name)")
-    spec = _as_spec(spec)
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
+    spec = as_spec(spec)
+    checks.check_loss_args(
+        spec, labels, has_teacher=teacher_hidden is not None or teacher_logits is not None,
+        teacher_hint="a teacher: teacher_hidden + teacher_lm_head, or teacher_logits",
+        weights=weights, normalization=normalization, normalizations=NORMALIZATIONS,
+        normalizer=normalizer, segment_ids=segment_ids)
     abstract_teacher = _check_shapes(hidden, lm_head, labels, teacher_hidden, teacher_lm_head,
                                      teacher_logits)
     vocab = lm_head.shape[1]
     dtype = jnp.promote_types(jnp.promote_types(hidden.dtype, lm_head.dtype), jnp.float32)
     checks.check_inputs(jax.ShapeDtypeStruct(tuple(labels.shape) + (vocab,), dtype), labels,
                         mask, abstract_teacher, weights)
-    if spec.needs_teacher and abstract_teacher is None:
-        raise ValueError(
-            f"target {spec.name!r} needs a teacher (residual={spec.residual!r}, eta={spec.eta}): "
-            "pass teacher_hidden + teacher_lm_head, or teacher_logits")
-    if spec.needs_weights and weights is None:
-        raise ValueError(f"target {spec.name!r} needs per-token `weights`, but none were passed")
-    if normalization == "constant" and not (normalizer and normalizer > 0):
-        raise ValueError(f"normalization='constant' needs normalizer > 0, got {normalizer}")
-    if segment_ids is not None and tuple(segment_ids.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"Incorrect shapes: segment_ids {tuple(segment_ids.shape)} must equal labels "
-            f"{tuple(labels.shape)}")
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
 

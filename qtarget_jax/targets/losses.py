@@ -45,7 +45,8 @@ class _Residual:
     idx: Optional[jax.Array] = None
 
 
-def _as_spec(spec: Union[TargetSpec, str]) -> TargetSpec:
+def as_spec(spec: Union[TargetSpec, str]) -> TargetSpec:
+    """`spec` itself, or the preset of that name with default knobs."""
     if isinstance(spec, TargetSpec):
         return spec
     if isinstance(spec, str):
@@ -140,7 +141,7 @@ def per_token_qtarget(
       z-loss, the differentiable per-token loss), `ce` (H(Q, p)), `gamma`, `p_y`, `accuracy`
       (argmax == label), `entropy` (of p), `kl_q_p` (KL(Q || p)), `nll` (-log p_y), `lse`.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     if valid is None:
         valid = labels != IGNORE_INDEX
     z, lse, log_p, log_p_y, entropy, index, gamma, residual = _target_parts(
@@ -204,22 +205,12 @@ def qtarget_loss_sums(
     """
     if spec is None:
         raise ValueError("qtarget_loss_sums needs a spec (a TargetSpec or a preset name)")
-    spec = _as_spec(spec)
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
+    spec = as_spec(spec)
+    checks.check_loss_args(
+        spec, labels, has_teacher=teacher_logits is not None,
+        teacher_hint="teacher_logits [..., V]", weights=weights, normalization=normalization,
+        normalizations=NORMALIZATIONS, normalizer=normalizer, segment_ids=segment_ids)
     checks.check_inputs(logits, labels, mask, teacher_logits, weights)
-    if spec.needs_teacher and teacher_logits is None:
-        raise ValueError(
-            f"target {spec.name!r} needs teacher_logits [..., V] (residual={spec.residual!r}, "
-            f"eta={spec.eta}), but none were passed")
-    if spec.needs_weights and weights is None:
-        raise ValueError(f"target {spec.name!r} needs per-token `weights`, but none were passed")
-    if normalization == "constant" and not (normalizer and normalizer > 0):
-        raise ValueError(f"normalization='constant' needs normalizer > 0, got {normalizer}")
-    if segment_ids is not None and tuple(segment_ids.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"Incorrect shapes: segment_ids {tuple(segment_ids.shape)} must equal labels "
-            f"{tuple(labels.shape)}")
 
     valid = labels != IGNORE_INDEX
     if mask is not None:
@@ -313,7 +304,7 @@ def qtarget_distribution(
     Returns:
       Q [..., V] float32, rows summing to 1.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     checks.check_inputs(logits, labels, None, teacher_logits, weights)
     valid = labels != IGNORE_INDEX
     z, _, _, _, _, index, gamma, residual = _target_parts(

@@ -238,7 +238,7 @@ class FusedEagerTest(chex.TestCase):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"spec": "distill"}, "needs a teacher"),
+    ({"spec": "distill"}, "needs a teacher: teacher_hidden"),
     ({"spec": "token_weighted"}, "needs per-token `weights`"),
     ({"spec": "sft", "chunk_size": 0}, "chunk_size=0"),
     ({"spec": "sft", "teacher_hidden": jnp.zeros((N, DT))}, "go together"),
