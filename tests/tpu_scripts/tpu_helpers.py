@@ -80,9 +80,11 @@ case ${4:-} in
     for a in "$@"; do
       case $a in
         --command=*tail*-F*)  # logs --follow: stream until Ctrl-C, exit 1 like gcloud does
-          touch "$d/following"
-          sleep 30 &
+          # The trap is in place before the test is told we follow, and the sleep (which a
+          # non-interactive shell starts with SIGINT ignored) does not hold the output pipes.
+          sleep 30 >/dev/null 2>&1 &
           trap 'kill $!; exit 1' INT
+          touch "$d/following"
           wait
           ;;
         --command=*train_status.sh*) cat "$d/train_status" 2>/dev/null || echo "running 123" ;;
