@@ -104,6 +104,9 @@ class CheckpointSection:
 class EvalSection:
     every_steps: int = 0  # 0 disables periodic eval (held-out loss)
     batches: int = 4  # eval batches per evaluation
+    problems: str = ""  # held-out JSONL with gold answers: greedy exact-match accuracy too
+    problems_limit: int = 0  # first N problems of that file (0 = all)
+    max_new_tokens: int = 128  # decoding bound for those problems
 
 
 @dataclasses.dataclass(frozen=True)

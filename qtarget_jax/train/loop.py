@@ -136,6 +136,15 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                                  async_save=cfg.checkpoint.async_save)
     train_it = build.train_iterator(cfg.data, tokenizer)
     held_out = build.eval_batches(cfg.data, tokenizer, cfg.eval.batches)
+    problems = _load_problems(cfg)
+
+    def evaluate_all(state, step_no: int) -> dict[str, float]:
+        """Held-out loss and diagnostics, plus accuracy on eval.problems when set."""
+        out = evaluate(eval_step, state, held_out, mesh) if held_out else {}
+        if problems:
+            out.update(_solve(problems, built.graphdef, state, tokenizer, cfg, step_no,
+                              run_dir if lead else None))
+        return out
 
     # Decide how to initialise. The order matters: fresh weights from model.source first; then,
     # if a complete checkpoint exists (and resume is on), its params, optimizer state, step, RNG
@@ -153,8 +162,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
         log.info("resumed from %s step %d", ckpt_dir, latest)
     start = int(jax.device_get(state.step))
     summary: dict[str, Any] = {"start_step": start}
-    if start == 0 and held_out:
-        summary["eval_before"] = evaluate(eval_step, state, held_out, mesh)
+    if start == 0 and (held_out or problems):
+        summary["eval_before"] = evaluate_all(state, 0)
 
     writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
                                        tensorboard=cfg.logging.tensorboard)
@@ -212,8 +221,9 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                 flush()  # previous step: it ran while this one was dispatched
                 pending = (step_no, m_dev)
                 ev = None
-                if cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0 and held_out:
-                    ev = evaluate(eval_step, state, held_out, mesh)
+                if (cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0
+                        and (held_out or problems)):
+                    ev = evaluate_all(state, step_no)
                     writer.write(step_no, ev)
                 if step_no % cfg.checkpoint.every_steps == 0 or step_no == cfg.run.steps:
                     save(step_no, ev)
@@ -221,8 +231,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
             if stop and saved[0] != step_no:
                 log.warning("%s: saving step %d and exiting", stop.signal, step_no)
                 save(step_no)
-            if step_no == cfg.run.steps and held_out:
-                summary["eval_after"] = evaluate(eval_step, state, held_out, mesh)
+            if step_no == cfg.run.steps and (held_out or problems):
+                summary["eval_after"] = evaluate_all(state, step_no)
                 writer.write(step_no, summary["eval_after"])
         finally:
             ckpt.close()
@@ -237,6 +247,27 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     if cfg.checkpoint.export_hf and step_no == cfg.run.steps:
         _export(built.graphdef, state, model_cfg, tokenizer, run_dir / "hf", lead)
     return summary
+
+
+def _load_problems(cfg: TrainConfig) -> list:
+    """The eval.problems examples (prompt, gold answer), or [] when unset."""
+    if not cfg.eval.problems:
+        return []
+    from qtarget_jax.evaluate.runner import load_examples
+    return load_examples(cfg.eval.problems, limit=cfg.eval.problems_limit or None)
+
+
+def _solve(problems, graphdef, state, tokenizer, cfg: TrainConfig, step_no: int,
+           run_dir: Optional[pathlib.Path]) -> dict[str, float]:
+    """Greedy exact-match accuracy of the current params on held-out problems
+    (`eval/problems/accuracy`, `.../parse_errors`, `.../n`); outputs to run_dir as JSONL."""
+    from flax import nnx
+
+    from qtarget_jax.evaluate.runner import evaluate_model
+    model = nnx.merge(graphdef, state.params, state.rest)
+    out = None if run_dir is None else str(run_dir / f"problems_step{step_no}.jsonl")
+    return evaluate_model(model, tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                          loss_seq_len=None, out_path=out, prefix="eval/problems/")
 
 
 def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: bool) -> None:

@@ -157,3 +157,21 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_dataset, char_tokenizer
     assert 2 <= stopped < 200
     latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2).latest_step()
     assert latest == stopped
+
+
+def test_problem_accuracy_before_and_after(tmp_path, synth_dataset, char_tokenizer):
+    """eval.problems: greedy exact-match accuracy before and after, per-example outputs saved."""
+    from qtarget_jax.data import synthetic
+
+    problems = tmp_path / "problems.jsonl"
+    synthetic.write_jsonl(synthetic.generate(4, 3, seed=1)["test"], str(problems))
+    run_dir = tmp_path / "run"
+    summary = run_tiny(*overrides(run_dir, synth_dataset, char_tokenizer), "run.steps=2",
+                       "checkpoint.every_steps=2", f"eval.problems={problems}",
+                       "eval.problems_limit=2", "eval.max_new_tokens=8")
+    for key, step in (("eval_before", 0), ("eval_after", 2)):
+        ev = summary[key]
+        assert ev["eval/problems/n"] == 2 and "eval/loss" in ev
+        records = read_jsonl(run_dir / f"problems_step{step}.jsonl")
+        assert len(records) == 2 and all("output" in r for r in records)
+        assert ev["eval/problems/accuracy"] == np.mean([r["correct"] for r in records])
