@@ -7,6 +7,7 @@ only sees finished ones. Local paths and gs:// go through the same code (etils.e
 """
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from typing import Any, Mapping, Optional
@@ -17,13 +18,21 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 
+def checkpoint_path(directory: str) -> epath.Path:
+    """`directory` as Orbax needs it: absolute when local (a relative run.dir is resolved against
+    the working directory), unchanged for URLs such as gs://bucket/run."""
+    if "://" in directory:
+        return epath.Path(directory)
+    return epath.Path(os.path.abspath(directory))
+
+
 def check_writable(directory: str, need_bytes: int = 0) -> epath.Path:
     """Creates `directory` and proves it writable (and, when local, that `need_bytes` fit).
 
     Raises:
       OSError naming the path when it cannot be written or the disk is too full.
     """
-    path = epath.Path(directory)
+    path = checkpoint_path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_probe_{uuid.uuid4().hex}"
@@ -59,7 +68,7 @@ class Checkpointer:
             save_interval_steps=1, preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save, create=True)
         self.best_metric = best_metric
-        self.manager = ocp.CheckpointManager(epath.Path(directory), options=options,
+        self.manager = ocp.CheckpointManager(checkpoint_path(directory), options=options,
                                              item_names=("state", "data"))
 
     def latest_step(self) -> Optional[int]:

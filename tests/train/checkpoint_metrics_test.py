@@ -29,6 +29,17 @@ def test_keeps_last_k_plus_best_and_restores(tmp_path):
     ck.close()
 
 
+def test_relative_checkpoint_dir_is_resolved_against_the_working_dir(tmp_path, monkeypatch):
+    """`make train` passes run.dir=runs/...: Orbax itself only accepts absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    ck = ckpt_lib.Checkpointer("runs/rel/checkpoints", keep=1, async_save=False)
+    ck.save(1, _items(1), {"processes": [{"row": 1}]})
+    ck.wait()
+    assert ck.latest_step() == 1 and (tmp_path / "runs/rel/checkpoints/1").is_dir()
+    ck.close()
+    assert str(ckpt_lib.checkpoint_path("gs://bucket/run")) == "gs://bucket/run"
+
+
 def test_check_writable_creates_and_probes(tmp_path):
     path = ckpt_lib.check_writable(str(tmp_path / "a" / "b"), need_bytes=1024)
     assert path.exists() and not list(path.iterdir())
