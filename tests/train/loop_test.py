@@ -54,7 +54,8 @@ def test_learns_and_writes_outputs(uninterrupted):
     run_dir, summary = uninterrupted
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 13))
-    assert curve[12] < curve[1] - 0.5, curve
+    # Judged on the last three steps: at lr 1e-2 a single batch can spike (clipped, recovers).
+    assert np.mean([curve[s] for s in (10, 11, 12)]) < curve[1] - 0.5, curve
     assert summary["eval_after"]["eval/loss"] < summary["eval_before"]["eval/loss"]
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "tb"):
         assert (run_dir / name).exists(), name
