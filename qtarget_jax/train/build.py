@@ -72,10 +72,10 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None):
         check_vocab(tokenizer, cfg.vocab_size, "model.source=init")
         return model, cfg, tokenizer
     from qtarget_jax.models.loading import load_model
-    # Master weights stay float32; the step casts them to model.compute_dtype. (load_model's
-    # `dtype` is the param dtype, so ModelConfig.dtype cannot be passed through it.)
-    changes.pop("dtype")
-    model, cfg, tokenizer = load_model(source, dtype="float32", **changes)
+    # Master weights stay float32 (load_model's `dtype` is the param dtype); activations run in
+    # model.compute_dtype, and the step casts the weights to it.
+    compute = changes.pop("dtype")
+    model, cfg, tokenizer = load_model(source, dtype="float32", compute_dtype=compute, **changes)
     if tokenizer is None and not section.tokenizer:
         raise ValueError(f"model.source={source}: no tokenizer found; set model.tokenizer")
     if section.tokenizer:
