@@ -2,6 +2,8 @@
 
     gens = generate(model, tokenizer, ["What is 2 + 3?"], SamplingConfig(max_new_tokens=64))
     gens[0].text, gens[0].finish_reason        # "2 + 3 = 5 ...", "eos" | "stop" | "length"
+    greedy, sampled = SamplingConfig(max_new_tokens=64), SamplingConfig(64, temperature=0.7)
+    groups = generate_many(model, tokenizer, prompts, [greedy] + [sampled] * 4)  # [P][5]
 
 How it runs:
   1. Prompts (strings are wrapped as one user turn) are rendered with the chat template plus the
@@ -10,9 +12,11 @@ How it runs:
   2. Rows are left-padded to a common width (rounded up to `pad_multiple` so few shapes compile):
      pad slots get segment_ids 0, real tokens 1 and positions 0, 1, ... per row, which is what
      `Decoder(..., cache=)` expects (docs/models.md, KV cache).
-  3. One jitted function does the prefill and a `lax.while_loop` of one-token steps over the
-     model's KVCache; a row is finished at an EOS id, the loop ends when all rows are finished or
-     after `max_new_tokens`.
+  3. One jitted function does the prefill (logits of the last prompt position only) and a
+     `lax.while_loop` of one-token steps over the model's KVCache; a row is finished at an EOS
+     id, the loop ends when all rows are finished or after `max_new_tokens`.
+     `generate_many` decodes each prompt several times (greedy + k samples) from one prefill:
+     the cache is copied per continuation, so the prompt is not recomputed.
   4. Stop strings are applied on the host to the decoded text (the text is cut before the first
      stop string, finish_reason "stop"); the device loop only knows EOS ids.
 
@@ -101,16 +105,22 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int
     return tokens, positions, segments
 
 
-def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float,
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float | jax.Array,
                   top_p: float) -> jax.Array:
     """Next token ids [B] int32 from logits [B, V] float32.
 
     temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the smallest
     set of tokens whose mass reaches top_p (the most likely token is always kept), renormalised.
+    `temperature` is a Python float (all rows) or a [B] float32 array, per row; rows whose
+    temperature is 0 take the argmax.
     """
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    z = logits_BV.astype(jnp.float32) / temperature
+    if isinstance(temperature, (int, float)):
+        if temperature == 0.0:
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        t_B1 = jnp.full((logits_BV.shape[0], 1), temperature, jnp.float32)
+    else:
+        t_B1 = jnp.asarray(temperature, jnp.float32)[:, None]
+    z = logits_BV.astype(jnp.float32) / jnp.where(t_B1 > 0, t_B1, 1.0)
     if top_p < 1.0:
         order = jnp.argsort(-z, axis=-1)
         sorted_z = jnp.take_along_axis(z, order, axis=-1)
@@ -118,31 +128,56 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float,
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         sorted_z = jnp.where(mass_before < top_p, sorted_z, -jnp.inf)
         pick = jax.random.categorical(rng, sorted_z, axis=-1)
-        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
+        drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    else:
+        drawn = jax.random.categorical(rng, z, axis=-1)
+    greedy = jnp.argmax(logits_BV, axis=-1)
+    return jnp.where(t_B1[:, 0] > 0, drawn, greedy).astype(jnp.int32)
+
+
+def _repeat_rows(tree: Any, repeats: int, batch_axis: int) -> Any:
+    return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=batch_axis), tree)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids",
-                                             "temperature", "top_p", "cache_dtype"))
+                                             "temperatures", "top_p", "cache_dtype"))
 def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
            segment_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-           eos_ids: tuple[int, ...], temperature: float, top_p: float,
+           eos_ids: tuple[int, ...], temperatures: tuple[float, ...], top_p: float,
            cache_dtype: str) -> tuple[jax.Array, jax.Array]:
     """Prefill + token-by-token decoding over the model's KV cache, under one jit.
+
+    Each prompt is prefilled once and decoded R = len(temperatures) times (for example one
+    greedy and k sampled continuations): after the prefill the cache and last logits are
+    repeated R times, so output row i * R + r is prompt i decoded at temperatures[r].
 
     Args:
       graphdef, state: `nnx.split(model)` (graphdef static).
       tokens, positions, segment_ids: [B, P] int32 left-padded prompts (see `left_pad`).
-      rng: a PRNG key (unused when greedy).
+      rng: a PRNG key (unused when every temperature is 0).
+      temperatures: R temperatures (0 = greedy), static.
     Returns:
-      out [B, N] int32 generated ids (N = max_new_tokens; pad/EOS after a row's end is the EOS
-      id it stopped on, repeated) and length [B] int32: generated tokens before the EOS (or N).
+      out [B*R, N] int32 generated ids (N = max_new_tokens; pad/EOS after a row's end is the
+      EOS id it stopped on, repeated) and length [B*R] int32: generated tokens before the EOS
+      (or N).
     """
     model = nnx.merge(graphdef, state)
     b, p = tokens.shape
+    reps = len(temperatures)
     cache = model.init_cache(b, p + max_new_tokens, jnp.dtype(cache_dtype))
-    logits, cache = model(tokens, positions, segment_ids, cache=cache)
+    hidden, cache = model(tokens, positions, segment_ids, return_hidden=True, cache=cache)
+    logits = model.logits(hidden[:, -1])                    # [B, V]: the last position only
     next_pos = positions[:, -1] + 1                         # [B] per-row real length
+    if reps > 1:                                            # rows i*R + r share prompt i
+        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 1),
+                                    v=_repeat_rows(cache.v, reps, 1),
+                                    segment_ids=_repeat_rows(cache.segment_ids, reps, 0))
+        logits, next_pos = _repeat_rows((logits, next_pos), reps, 0)
+        b = b * reps
+    if len(set(temperatures)) == 1:
+        temperature = float(temperatures[0])                # one static temperature
+    else:
+        temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b // reps)
     eos = jnp.asarray(eos_ids, jnp.int32)
     out = jnp.zeros((b, max_new_tokens), jnp.int32)
     length = jnp.full((b,), max_new_tokens, jnp.int32)
@@ -168,7 +203,7 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
                                    jnp.ones((b, 1), jnp.int32), cache=cache)
         return step + 1, cache, logits[:, -1], out, length, done, params
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], out, length, done, state)
+    carry = (jnp.zeros((), jnp.int32), cache, logits, out, length, done, state)
     _, _, _, out, length, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, length
 
@@ -198,7 +233,7 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     Args:
       model: a Decoder (any params sharding). tokenizer: with a chat template.
       prompts: user-message strings or chats (lists of {"role", "content"}).
-      config: SamplingConfig. seed: sampling seed (row i of batch j uses fold_in(key, j)).
+      config: SamplingConfig. seed: sampling seed (batch j uses fold_in(key(seed), j)).
       batch_size: rows per decode call (default all); the last batch is filled with copies of
         its first prompt so every call has the same shape.
       eos_ids: token ids that end a row (default tokenizer.eos_token_id).
@@ -208,8 +243,41 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     Raises:
       ValueError: a prompt whose tokens plus max_new_tokens exceed the context, naming it.
     """
+    groups = generate_many(model, tokenizer, prompts, [config], seed=seed, batch_size=batch_size,
+                           eos_ids=eos_ids, names=names, mesh=mesh, max_len=max_len)
+    return [g[0] for g in groups]
+
+
+def generate_many(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
+                  configs: Sequence[SamplingConfig], *, seed: int = 0,
+                  batch_size: int | None = None, eos_ids: Sequence[int] | None = None,
+                  names: Sequence[str] | None = None, mesh: Mesh | None = None,
+                  max_len: int | None = None) -> list[list[Generation]]:
+    """Decodes every prompt once per config, prefilling each prompt once.
+
+    For evaluation: `configs = [greedy] + [sampled] * k` gives the greedy answer and k samples
+    of each prompt from one prefill (the cache is copied R = len(configs) times).
+
+    Args:
+      configs: R SamplingConfigs that differ at most in `temperature` (one decode loop runs
+        them all, so max_new_tokens, top_p, stop_strings and cache_dtype must agree).
+      batch_size: prompts per decode call (default all); a call decodes batch_size * R rows.
+      The rest: as in `generate`.
+    Returns:
+      one list per prompt, in order, of R Generations (in `configs` order).
+    Raises:
+      ValueError: configs that differ in more than temperature; a prompt whose tokens plus
+        max_new_tokens exceed the context, naming it.
+    """
     if not prompts:
         return []
+    if not configs:
+        raise ValueError("generate_many: no configs")
+    first = configs[0]
+    for c in configs[1:]:
+        if dataclasses.replace(c, temperature=first.temperature) != first:
+            raise ValueError(f"generate_many: configs may differ only in temperature; got "
+                             f"{first} and {c}")
     names = list(names) if names is not None else [f"prompt[{i}]" for i in range(len(prompts))]
     if len(names) != len(prompts):
         raise ValueError(f"generate: {len(names)} names for {len(prompts)} prompts")
@@ -218,34 +286,40 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     for name, row in zip(names, ids):
-        if len(row) + config.max_new_tokens > context:
+        if len(row) + first.max_new_tokens > context:
             raise ValueError(f"generate: {name}: prompt has {len(row)} tokens + max_new_tokens "
-                             f"{config.max_new_tokens} > context length {context}")
+                             f"{first.max_new_tokens} > context length {context}")
+    temperatures = tuple(float(c.temperature) for c in configs)
+    reps = len(configs)
     bsz = batch_size or len(ids)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    results: list[Generation] = []
+    results: list[list[Generation]] = []
     for j, start in enumerate(range(0, len(ids), bsz)):
         chunk = ids[start:start + bsz]
         rows = chunk + [chunk[0]] * (bsz - len(chunk))
         longest = max(len(r) for r in rows)
-        width = -(-longest // config.pad_multiple) * config.pad_multiple
-        width = min(width, context - config.max_new_tokens)
+        width = -(-longest // first.pad_multiple) * first.pad_multiple
+        width = min(width, context - first.max_new_tokens)
         arrays = left_pad(rows, pad_id, width)
         if mesh is not None:
             sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
             arrays = tuple(jax.device_put(a, sharding) for a in arrays)
         out, length = decode(graphdef, state, *arrays, jax.random.fold_in(key, j),
-                             max_new_tokens=config.max_new_tokens, eos_ids=eos,
-                             temperature=float(config.temperature), top_p=float(config.top_p),
-                             cache_dtype=config.cache_dtype)
+                             max_new_tokens=first.max_new_tokens, eos_ids=eos,
+                             temperatures=temperatures, top_p=float(first.top_p),
+                             cache_dtype=first.cache_dtype)
         out, length = np.asarray(out), np.asarray(length)
         for i, row in enumerate(chunk):
-            gen = [int(t) for t in out[i, :length[i]]]
-            reason = "eos" if length[i] < config.max_new_tokens else "length"
-            text, stopped = _cut_at_stop(tokenizer.decode(gen, skip_special_tokens=True),
-                                         config.stop_strings)
-            results.append(Generation(text=text, token_ids=gen,
-                                      finish_reason="stop" if stopped else reason,
-                                      prompt_tokens=len(row)))
+            group = []
+            for r in range(reps):
+                k = i * reps + r
+                gen = [int(t) for t in out[k, :length[k]]]
+                reason = "eos" if length[k] < first.max_new_tokens else "length"
+                text, stopped = _cut_at_stop(tokenizer.decode(gen, skip_special_tokens=True),
+                                             first.stop_strings)
+                group.append(Generation(text=text, token_ids=gen,
+                                        finish_reason="stop" if stopped else reason,
+                                        prompt_tokens=len(row)))
+            results.append(group)
     return results

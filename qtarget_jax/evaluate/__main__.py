@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="JSONL of chat rows with 'answer' or ####")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per decode call (each decoded 1 + --samples times)")
     p.add_argument("--samples", type=int, default=0, help="k for Average@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)

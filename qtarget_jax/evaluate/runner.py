@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from qtarget_jax.evaluate.answers import extract_answer, score
-from qtarget_jax.generate import SamplingConfig, generate
+from qtarget_jax.generate import SamplingConfig, generate_many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,7 @@ def heldout_loss(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExamp
         ids, mask = tokenize_conversation(tokenizer, conv, ex.id)
         rows.append(to_training_example(ids, mask, seq_len, truncate=False, where=ex.id))
     graphdef, state = nnx.split(model)
+    batch_size = min(batch_size, len(rows))       # no all-padding rows for a small set
     total, count = 0.0, 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -121,7 +122,9 @@ def evaluate_model(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExa
     Args:
       model, tokenizer: the Decoder and its chat tokenizer.
       examples: from `load_examples`.
-      max_new_tokens, batch_size: decoding length bound and rows per decode call.
+      max_new_tokens, batch_size: decoding length bound and prompts per decode call (each
+        prompt is prefilled once and decoded 1 + num_samples times, so a call holds
+        batch_size * (1 + num_samples) rows).
       num_samples: k sampled outputs per problem (temperature, top_p); 0 = greedy only.
       loss_seq_len: seq_len for the held-out loss; None skips the loss.
       out_path: write one JSON object per example (outputs, parsed answers, correctness).
@@ -131,30 +134,28 @@ def evaluate_model(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExa
     """
     prompts = [ex.prompt for ex in examples]
     names = [ex.id for ex in examples]
-    greedy = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens),
-                      batch_size=min(batch_size, len(prompts)), names=names)
+    configs = [SamplingConfig(max_new_tokens=max_new_tokens)]
+    configs += [SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p)] * num_samples
+    # One prefill per prompt serves the greedy decode and all k samples.
+    groups = generate_many(model, tokenizer, prompts, configs, seed=seed,
+                           batch_size=min(batch_size, len(prompts)), names=names)
     records = []
-    for ex, gen in zip(examples, greedy):
+    for ex, (gen, *samples) in zip(examples, groups):
         s = score(gen.text, ex.gold)
-        records.append({"id": ex.id, "gold": ex.gold, "output": gen.text,
-                        "finish_reason": gen.finish_reason, "extracted": s.extracted,
-                        "normalized": s.normalized, "method": s.method, "correct": s.correct,
-                        "parse_error": s.parse_error})
+        rec = {"id": ex.id, "gold": ex.gold, "output": gen.text,
+               "finish_reason": gen.finish_reason, "extracted": s.extracted,
+               "normalized": s.normalized, "method": s.method, "correct": s.correct,
+               "parse_error": s.parse_error}
+        if num_samples > 0:
+            rec["samples"] = [g.text for g in samples]
+            rec["samples_correct"] = [score(g.text, ex.gold).correct for g in samples]
+        records.append(rec)
     n = len(examples)
     metrics = {"accuracy": sum(r["correct"] for r in records) / n,
                "parse_errors": float(sum(r["parse_error"] is not None for r in records)),
                "n": float(n)}
     if num_samples > 0:
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        repeated = [p for p in prompts for _ in range(num_samples)]
-        sampled = generate(model, tokenizer, repeated, cfg, seed=seed,
-                           batch_size=min(batch_size, len(repeated)),
-                           names=[nm for nm in names for _ in range(num_samples)])
-        for i, rec in enumerate(records):
-            outs = sampled[i * num_samples:(i + 1) * num_samples]
-            scored = [score(g.text, examples[i].gold) for g in outs]
-            rec["samples"] = [g.text for g in outs]
-            rec["samples_correct"] = [sc.correct for sc in scored]
         per_problem = [np.mean(r["samples_correct"]) for r in records]
         metrics[f"avg@{num_samples}"] = float(np.mean(per_problem))
         metrics[f"pass@{num_samples}"] = float(np.mean([any(r["samples_correct"])

@@ -81,6 +81,11 @@ class Decoder(nnx.Module):
             return self.embedder.embedding[...].T
         return self.lm_head[...]
 
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] (compute dtype) -> logits [..., V] float32."""
+        return jnp.einsum("...d,dv->...v", h, self.lm_head_kernel().astype(self.cfg.dtype),
+                          preferred_element_type=jnp.float32)
+
     def init_cache(self, batch: int, max_len: int,
                    dtype: jnp.dtype | str = jnp.float32) -> KVCache:
         """An empty KV cache for `batch` rows and `max_len` slots (see models/cache.py)."""
@@ -148,11 +153,7 @@ class Decoder(nnx.Module):
         else:
             x, new_kv = self._loop_layers(x, sin, cos, mask, kv, index)
         h = self.final_norm(x)
-        if return_hidden:
-            out = h
-        else:
-            out = jnp.einsum("btd,dv->btv", h, self.lm_head_kernel().astype(cfg.dtype),
-                             preferred_element_type=jnp.float32)
+        out = h if return_hidden else self.logits(h)
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_segments,

@@ -1,12 +1,14 @@
 """generate.py: KV-cache decoding against a full-recompute reference, sampling, stops, errors."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from qtarget_jax.generate import (SamplingConfig, generate, left_pad, prompt_ids,
-                                  sample_logits)
+from qtarget_jax.generate import (SamplingConfig, generate, generate_many, left_pad,
+                                  prompt_ids, sample_logits)
 
 PROMPTS = ["ab", "hello there, how are you?", "x", "a much longer prompt than the others ab ab"]
 
@@ -98,6 +100,43 @@ def test_sampling_follows_softmax_and_top_p():
     # temperature -> sharper; tiny top_p -> always the argmax.
     assert set(np.asarray(sample_logits(logits, keys, 1.0, 1e-6))) == {0}
     np.testing.assert_array_equal(sample_logits(logits[:2], keys, 0.0, 0.5), [0, 0])
+
+
+def test_per_row_temperature():
+    """A [B] temperature array: rows at 0 take the argmax, the others sample softmax(z / t)."""
+    logits = jnp.log(jnp.asarray([[0.2, 0.5, 0.3]] * 6000))
+    t = jnp.asarray([0.0, 1.0] * 3000)
+    draws = np.asarray(sample_logits(logits, jax.random.key(3), t, 1.0))
+    assert set(draws[0::2]) == {1}
+    np.testing.assert_allclose(np.bincount(draws[1::2], minlength=3) / 3000, [0.2, 0.5, 0.3],
+                               atol=0.03)
+    # t = 0.5 squares the probabilities: [0.04, 0.25, 0.09] / 0.38.
+    half = np.asarray(sample_logits(logits, jax.random.key(4), jnp.full((6000,), 0.5), 1.0))
+    np.testing.assert_allclose(np.bincount(half, minlength=3) / 6000,
+                               np.array([0.04, 0.25, 0.09]) / 0.38, atol=0.03)
+
+
+def test_generate_many_shares_the_prefill(tiny_model, tokenizer):
+    """Greedy + samples from one prefill: the greedy copy and a near-zero-temperature copy both
+    equal the no-cache reference; samples at t=1 come from the same prompt cache but differ."""
+    greedy = SamplingConfig(max_new_tokens=8, pad_multiple=8)
+    cold = dataclasses.replace(greedy, temperature=1e-6)
+    hot = dataclasses.replace(greedy, temperature=1.0)
+    groups = generate_many(tiny_model, tokenizer, PROMPTS, [greedy, cold, hot, hot],
+                           batch_size=3, eos_ids=[2], seed=5)
+    assert [len(g) for g in groups] == [4] * len(PROMPTS)
+    for prompt, (g, c, h1, h2) in zip(PROMPTS, groups):
+        want = reference_greedy(tiny_model, prompt_ids(tokenizer, prompt), 8, {2})
+        assert g.token_ids == want and c.token_ids == want, prompt
+        assert h1.prompt_tokens == g.prompt_tokens
+    assert any(h1.token_ids != h2.token_ids for _, _, h1, h2 in groups)
+    again = generate_many(tiny_model, tokenizer, PROMPTS, [greedy, cold, hot, hot],
+                          batch_size=3, eos_ids=[2], seed=5)
+    assert [[x.token_ids for x in g] for g in again] == [[x.token_ids for x in g]
+                                                         for g in groups]
+    with pytest.raises(ValueError, match="differ only in temperature"):
+        generate_many(tiny_model, tokenizer, PROMPTS, [greedy, dataclasses.replace(
+            hot, max_new_tokens=4)])
 
 
 def test_sampled_generation_is_seeded(tiny_model, tokenizer):
