@@ -142,15 +142,17 @@ class Attention(nnx.Module):
             out = out + bias[...].astype(self.dtype)[None, None]
         return out
 
-    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTS: jax.Array,
+    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D] (compute dtype); sin, cos [B, T, Dh/2]; mask [B, T, S] bool.
+        """x [B, T, D] (compute dtype); sin, cos [B, T, Dh/2]; mask [B, T, T] bool among this
+        call's tokens.
 
-        kv: None (S == T, keys are this call's tokens) or (k_cache [B, S, K, Dh],
-        v_cache [B, S, K, Dh], index i32[]): this call's keys/values are written at slots
-        [index, index + T) and attention runs over all S slots.
-        Returns (y [B, T, D], updated (k_cache, v_cache) or None).
+        kv: None, or (k_cache [B, S, K, Dh], v_cache [B, S, K, Dh], cache_mask [B, T, S] bool):
+        the queries also attend to the cache slots that cache_mask allows. The cache is only
+        read here: the caller writes this call's keys/values (returned) into it once for all
+        layers, so a decode step never copies the cache.
+        Returns (y [B, T, D], this call's (k, v) [B, T, K, Dh] in the cache dtype, or None).
         """
         q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
         k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
@@ -158,25 +160,32 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        new_kv = None
+        keys, values, masks, new_kv = [k], [v], [mask_BTT], None
         if kv is not None:
-            k_cache, v_cache, index = kv
-            zero = jnp.zeros((), jnp.int32)              # int32 under JAX_ENABLE_X64 too
-            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            new_kv = (k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+            k_cache, v_cache, cache_mask = kv
+            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+            # This call's keys as a later step will read them back (cache dtype round trip).
+            keys = [k_cache.astype(self.dtype), new_kv[0].astype(self.dtype)]
+            values = [v_cache.astype(self.dtype), new_kv[1].astype(self.dtype)]
+            masks = [cache_mask, mask_BTT]
         b, t, h, dh = q.shape
         q_BTKGH = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, dh)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k,
-                            preferred_element_type=jnp.float32) * (dh ** -0.5)
         # A finite minimum (not -inf): a query with no visible key (padding) gets a uniform
         # softmax instead of NaN.
-        logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.concatenate([
+            jnp.where(m[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, kk,
+                                                   preferred_element_type=jnp.float32)
+                      * (dh ** -0.5), jnp.finfo(jnp.float32).min)
+            for kk, m in zip(keys, masks)], axis=-1)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, dh)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
+        parts, start = [], 0
+        for vv in values:                     # probs over [cache slots | this call's tokens]
+            width = vv.shape[1]
+            parts.append(jnp.einsum("bkgts,bskh->btkgh", probs[..., start:start + width], vv))
+            start += width
+        out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        y = jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh),
+                       self.o_proj[...].astype(self.dtype))
         return y, new_kv
 
 
@@ -213,10 +222,10 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, dtype=dt,
                        rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTS: jax.Array,
+    def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Same arguments and results as Attention.__call__."""
-        y, new_kv = self.attn(self.attn_norm(x_BTD), sin, cos, mask_BTS, kv)
+        y, new_kv = self.attn(self.attn_norm(x_BTD), sin, cos, mask_BTT, kv)
         x_BTD = x_BTD + y
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), new_kv
