@@ -30,6 +30,7 @@ from flax import nnx
 
 from qtarget_jax.config import OptimSection, ScheduleSection
 from qtarget_jax.data.chat import tokenize_conversation, to_training_example
+from qtarget_jax.data.packing import build_rows, pack_bins
 from qtarget_jax.data.records import row_to_conversation
 from qtarget_jax.data.synthetic import generate as synth_generate
 from qtarget_jax.evaluate.runner import EvalExample, evaluate_model
@@ -56,8 +57,8 @@ class ExperimentConfig:
     phrasings: int = 2
     noise: float = 0.4              # fraction of corrupted training demonstrations
     data_seed: int = 0
-    seq_len: int = 160              # one example per row; longer examples are errors
-    batch_size: int = 8
+    seq_len: int = 480              # packed row length; a longer example is an error
+    batch_size: int = 2             # packed rows per step (about seq_len / 117 examples each)
     steps: int = 30
     lr: float = 5.0e-5
     warmup_steps: int = 2
@@ -66,8 +67,9 @@ class ExperimentConfig:
     teacher_lr: float = 5.0e-5
     teacher_dir: str = "experiments/cache/teacher"
     eval_problems: int = 50         # first n of the test split
+    eval_seq_len: int = 160         # rows of the held-out loss (one example each)
     max_new_tokens: int = 72
-    eval_batch: int = 50
+    eval_batch: int = 50            # prompts per decode call (x (1 + samples) rows)
     samples: int = 4                # Average@k: k sampled outputs per problem (0: greedy only)
     temperature: float = 0.7
     out_dir: str = "experiments/results/quick"
@@ -100,33 +102,35 @@ def load_experiment(path: str, overrides: list[str]) -> ExperimentConfig:
     return ExperimentConfig(**raw, methods=methods)
 
 
-def tokenize_rows(tokenizer: Any, rows: list[dict], seq_len: int) -> dict[str, np.ndarray]:
-    """Chat rows -> one example per row, [N, seq_len] arrays of the data batch contract."""
-    n = len(rows)
-    out = {"tokens": np.zeros((n, seq_len), np.int32),
-           "labels": np.full((n, seq_len), -100, np.int32),
-           "loss_mask": np.zeros((n, seq_len), np.float32),
-           "positions": np.zeros((n, seq_len), np.int32),
-           "segment_ids": np.zeros((n, seq_len), np.int32)}
-    for i, row in enumerate(rows):
+def tokenize_examples(tokenizer: Any, rows: list[dict], seq_len: int) -> list:
+    """Chat rows -> TokenizedExamples (assistant tokens supervised); one longer than seq_len is
+    an error naming the row."""
+    out = []
+    for row in rows:
         conv = row_to_conversation(row, row["id"])
         ids, mask = tokenize_conversation(tokenizer, conv, row["id"])
-        ex = to_training_example(ids, mask, seq_len, truncate=False, where=row["id"])
-        k = len(ex)
-        out["tokens"][i, :k], out["labels"][i, :k] = ex.tokens, ex.labels
-        out["loss_mask"][i, :k] = ex.labels != -100
-        out["positions"][i, :k], out["segment_ids"][i, :k] = np.arange(k), 1
+        out.append(to_training_example(ids, mask, seq_len, truncate=False, where=row["id"]))
     return out
 
 
-def batches(data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
-    """`steps` batches of `batch_size` rows, reshuffled each epoch with `seed`."""
-    n = len(data["tokens"])
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
-                            for e in range(steps * batch_size // n + 1)])
+def batches(examples: list, rows: int, seq_len: int, steps: int, seed: int):
+    """`steps` batches of `rows` packed rows ([rows, seq_len] arrays of the data batch contract).
+
+    Each epoch visits the examples in a fresh permutation (seeded by (seed, epoch)) and packs
+    them first-fit into rows of seq_len tokens (qtarget_jax.data.packing), as `make train`
+    does: each example is its own segment (attention and positions restart), and no padding
+    row is computed. Yields (batch, number of examples in it).
+    """
+    lengths = np.array([len(e) for e in examples])
+    bins: list[list[int]] = []
+    epoch = 0
+    while len(bins) < steps * rows:
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+        bins += pack_bins(lengths, order, seq_len)
+        epoch += 1
     for s in range(steps):
-        idx = order[s * batch_size:(s + 1) * batch_size]
-        yield {k: v[idx] for k, v in data.items()}
+        chosen = bins[s * rows:(s + 1) * rows]
+        yield build_rows(examples, chosen, seq_len), sum(len(b) for b in chosen)
 
 
 class Trainer:
@@ -139,8 +143,9 @@ class Trainer:
         self.steps: dict[str, Any] = {}
 
     def train(self, key: str, target: dict, data, *, seed: int, steps: int, lr: float,
-              teacher: nnx.Module | None) -> tuple[nnx.Module, list[float]]:
-        """Fine-tunes a copy of the base model; returns (model, per-step losses)."""
+              teacher: nnx.Module | None) -> tuple[nnx.Module, list[float], int]:
+        """Fine-tunes a copy of the base model; returns (model, per-step losses, examples
+        seen)."""
         cfg = self.cfg
         spec = spec_from_dict(target)
         tx, schedule = make_optimizer(OptimSection(lr=lr, weight_decay=0.0),
@@ -153,14 +158,15 @@ class Trainer:
                 built.shardings, mesh_lib.batch_sharding(self.mesh), rep,
                 graphdef=built.graphdef, loss_fn=logits_loss(spec, "token"), tx=tx,
                 schedule=schedule, microbatches=1, compute_dtype=np.float32)
-        step_fn, state, losses = self.steps[step_key], built.state, []
-        for batch in batches(data, cfg.batch_size, steps, seed):
+        step_fn, state, losses, seen = self.steps[step_key], built.state, [], 0
+        for batch, n in batches(data, cfg.batch_size, cfg.seq_len, steps, seed):
             state, metrics = step_fn(state, mesh_lib.global_batch(batch, self.mesh))
             losses.append(metrics["loss"])
+            seen += n
         losses = [float(x) for x in jax.device_get(losses)]
         if not all(np.isfinite(losses)):
             raise FloatingPointError(f"{key} seed {seed}: non-finite loss {losses}")
-        return nnx.merge(built.graphdef, state.params, state.rest), losses
+        return nnx.merge(built.graphdef, state.params, state.rest), losses, seen
 
 
 def eval_examples(rows: list[dict]) -> list[EvalExample]:
@@ -171,7 +177,7 @@ def eval_examples(rows: list[dict]) -> list[EvalExample]:
 def run_eval(model, tokenizer, examples, cfg: ExperimentConfig, seed: int, path: str) -> dict:
     return evaluate_model(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.eval_batch, num_samples=cfg.samples,
-                          temperature=cfg.temperature, seed=seed, loss_seq_len=cfg.seq_len,
+                          temperature=cfg.temperature, seed=seed, loss_seq_len=cfg.eval_seq_len,
                           out_path=path)
 
 
@@ -186,10 +192,12 @@ def get_teacher(trainer: Trainer, tokenizer, clean, cfg: ExperimentConfig, log) 
         # The student's layer layout (scan): the step merges teacher params with its graphdef.
         return load_hf(cfg.teacher_dir, dtype="float32", scan_layers=True)[0]
     t0 = time.perf_counter()
-    teacher, losses = trainer.train("teacher", {"preset": "sft"}, clean, seed=0,
-                                    steps=cfg.teacher_steps, lr=cfg.teacher_lr, teacher=None)
+    teacher, losses, seen = trainer.train("teacher", {"preset": "sft"}, clean, seed=0,
+                                          steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+                                          teacher=None)
     export_hf(teacher, teacher.cfg, cfg.teacher_dir, tokenizer=tokenizer)
-    log({"event": "teacher_trained", "dir": cfg.teacher_dir, "first_loss": losses[0],
+    log({"event": "teacher_trained", "dir": cfg.teacher_dir, "examples_seen": seen,
+         "first_loss": losses[0],
          "last_loss": losses[-1], "seconds": round(time.perf_counter() - t0, 1)})
     return teacher
 
@@ -239,8 +247,8 @@ def main(argv: list[str]) -> None:
     noise_frac = float(np.mean([r["noise"] is not None for r in noisy["train"]]))
     log({"event": "start", "config": dataclasses.asdict(cfg), "noisy_fraction": noise_frac,
          "devices": str(jax.devices()[0]), "resumed_runs": len(done)})
-    train_noisy = tokenize_rows(tokenizer, noisy["train"], cfg.seq_len)
-    train_clean = tokenize_rows(tokenizer, clean["train"], cfg.seq_len)
+    train_noisy = tokenize_examples(tokenizer, noisy["train"], cfg.seq_len)
+    train_clean = tokenize_examples(tokenizer, clean["train"], cfg.seq_len)
     examples = eval_examples(noisy["test"][:cfg.eval_problems])
     trainer = Trainer(base, cfg)
 
@@ -274,13 +282,14 @@ def main(argv: list[str]) -> None:
                 continue
             t0 = time.perf_counter()
             teach = {"none": None, "trained": teacher, "initial": base}[m.teacher]
-            model, losses = trainer.train(m.name, m.target, train_noisy, seed=seed,
-                                          steps=cfg.steps, lr=cfg.lr, teacher=teach)
+            model, losses, seen = trainer.train(m.name, m.target, train_noisy, seed=seed,
+                                                steps=cfg.steps, lr=cfg.lr, teacher=teach)
             t_train = time.perf_counter() - t0
             ev = run_eval(model, tokenizer, examples, cfg, seed,
                           os.path.join(cfg.out_dir, f"eval_{m.name}_{seed}.jsonl"))
             log({"event": "eval", "method": m.name, "seed": seed, "target": m.target,
-                 "teacher": m.teacher, **ev, "train_loss_first": losses[0],
+                 "teacher": m.teacher, **ev, "examples_seen": seen,
+                 "train_loss_first": losses[0],
                  "train_loss_last": losses[-1], "train_s": round(t_train, 1),
                  "seconds": round(time.perf_counter() - t0, 1)})
     log({"event": "done", "wall_s": round(time.perf_counter() - start, 1)})
