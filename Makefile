@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast train data clean
+.PHONY: venv test test-fast train data experiment clean
 
 SYNTH := data/tfds/jsonl_sft/synth/1.0.0
 TRAIN_RUN := runs/smollm2_target_sft
@@ -40,6 +40,12 @@ data: venv
 train: data
 	rm -rf $(TRAIN_RUN)
 	$(PY) train.py --config configs/smollm2_target_sft.yaml run.dir=$(TRAIN_RUN)
+
+# The experiment's quick mode (experiments/README.md): every method x 3 seeds on SmolLM2,
+# then the table and plot. Re-running resumes the finished runs of the same config.
+experiment: venv
+	$(PY) experiments/run.py --config experiments/quick.yaml
+	$(PY) experiments/report.py experiments/results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

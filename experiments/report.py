@@ -86,7 +86,8 @@ def markdown(rows: list[dict], config: dict, wall: float, finished: bool) -> str
     lines.append("")
     lines.append(f"{n} held-out problems; Average@{k}: mean accuracy of {k} samples per problem "
                  f"(temperature {config.get('temperature')}); sd over seeds. "
-                 f"{config.get('steps')} steps of batch {config.get('batch_size')} at lr "
+                 f"{config.get('steps')} steps of {config.get('batch_size')} packed row(s) of "
+                 f"{config.get('seq_len')} tokens at lr "
                  f"{config.get('lr')} on {config.get('n_train')} problems x "
                  f"{config.get('phrasings')} phrasings, noise {config.get('noise')}. Wall time: "
                  f"{wall / 60:.1f} min{'' if finished else ' (run not finished)'}.")
