@@ -45,7 +45,7 @@ train: data
 # then the table and plot. Re-running resumes the finished runs of the same config.
 experiment: venv
 	$(PY) experiments/run.py --config experiments/quick.yaml
-	$(PY) experiments/report.py experiments/results/quick
+	$(PY) experiments/report.py experiments/runs/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

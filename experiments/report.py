@@ -1,6 +1,6 @@
 """Aggregates experiments/run.py's runs.jsonl into summary.json, table.md and accuracy.png.
 
-    .venv/bin/python experiments/report.py experiments/results/quick
+    .venv/bin/python experiments/report.py experiments/runs/quick
 
 Per method: greedy exact-match accuracy and Average@k (mean over k samples per problem), each as
 mean ± standard deviation over seeds (and min-max), held-out loss, train-loss first/last; plus

@@ -74,7 +74,7 @@ class ExperimentConfig:
     eval_batch: int = 50            # prompts per decode call (x (1 + samples) rows)
     samples: int = 4                # Average@k: k sampled outputs per problem (0: greedy only)
     temperature: float = 0.7
-    out_dir: str = "experiments/results/quick"
+    out_dir: str = "experiments/runs/quick"
     methods: tuple[Method, ...] = ()
 
 
