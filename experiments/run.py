@@ -158,6 +158,8 @@ class Trainer:
         if step_key not in self.steps:
             self.steps[step_key] = jit_train_step(
                 built.shardings, mesh_lib.batch_sharding(self.mesh), rep,
+                # Full-logits loss (train's loss.fused=false): the same math as the fused
+                # default, and at this size on CPU the faster one (docs/performance.md).
                 graphdef=built.graphdef, loss_fn=logits_loss(spec, "token"), tx=tx,
                 schedule=schedule, microbatches=1, compute_dtype=np.float32)
         step_fn, state, losses, seen = self.steps[step_key], built.state, [], 0

@@ -114,13 +114,15 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float | jax
     `temperature` is a Python float (all rows) or a [B] float32 array, per row; rows whose
     temperature is 0 take the argmax.
     """
-    if isinstance(temperature, (int, float)):
-        if temperature == 0.0:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        t_B1 = jnp.full((logits_BV.shape[0], 1), temperature, jnp.float32)
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    per_row = not isinstance(temperature, (int, float))
+    if not per_row and temperature == 0.0:
+        return greedy
+    if per_row:
+        t = jnp.asarray(temperature, jnp.float32)[:, None]            # [B, 1]
+        z = logits_BV.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
     else:
-        t_B1 = jnp.asarray(temperature, jnp.float32)[:, None]
-    z = logits_BV.astype(jnp.float32) / jnp.where(t_B1 > 0, t_B1, 1.0)
+        z = logits_BV.astype(jnp.float32) / temperature
     if top_p < 1.0:
         order = jnp.argsort(-z, axis=-1)
         sorted_z = jnp.take_along_axis(z, order, axis=-1)
@@ -128,11 +130,10 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float | jax
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         sorted_z = jnp.where(mass_before < top_p, sorted_z, -jnp.inf)
         pick = jax.random.categorical(rng, sorted_z, axis=-1)
-        drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+        drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
-        drawn = jax.random.categorical(rng, z, axis=-1)
-    greedy = jnp.argmax(logits_BV, axis=-1)
-    return jnp.where(t_B1[:, 0] > 0, drawn, greedy).astype(jnp.int32)
+        drawn = jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
+    return jnp.where(t[:, 0] > 0, drawn, greedy) if per_row else drawn
 
 
 def _repeat_rows(tree: Any, repeats: int, batch_axis: int) -> Any:
@@ -168,16 +169,16 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     hidden, cache = model(tokens, positions, segment_ids, return_hidden=True, cache=cache)
     logits = model.logits(hidden[:, -1])                    # [B, V]: the last position only
     next_pos = positions[:, -1] + 1                         # [B] per-row real length
+    if len(set(temperatures)) == 1:
+        temperature = float(temperatures[0])                # one static temperature
+    else:                                                   # row i*R + r: temperatures[r]
+        temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b)
     if reps > 1:                                            # rows i*R + r share prompt i
         cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 1),
                                     v=_repeat_rows(cache.v, reps, 1),
                                     segment_ids=_repeat_rows(cache.segment_ids, reps, 0))
         logits, next_pos = _repeat_rows((logits, next_pos), reps, 0)
         b = b * reps
-    if len(set(temperatures)) == 1:
-        temperature = float(temperatures[0])                # one static temperature
-    else:
-        temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b // reps)
     eos = jnp.asarray(eos_ids, jnp.int32)
     out = jnp.zeros((b, max_new_tokens), jnp.int32)
     length = jnp.full((b,), max_new_tokens, jnp.int32)

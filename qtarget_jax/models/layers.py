@@ -183,7 +183,7 @@ class Attention(nnx.Module):
             width = vv.shape[1]
             parts.append(jnp.einsum("bkgts,bskh->btkgh", probs[..., start:start + width], vv))
             start += width
-        out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        out = sum(parts[1:], parts[0])
         y = jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh),
                        self.o_proj[...].astype(self.dtype))
         return y, new_kv
