@@ -10,6 +10,16 @@ Record features::
   messages: Sequence({"role": Text, "content": Text})   # [num_messages] each
   source:   Text                                        # "file.jsonl:LINE" of the row
 
+Stored order is reproducible: each row's tfds key is ``"FILE_INDEX:LINE"`` (the file's place in
+its split's list, the row's line number), and tfds stores a split in the order of a salted md5
+of the keys. So the order, and the array_record bytes, depend only on the split names, the
+files' contents, their order in the list and the ``source`` labels, never on where the files
+sit, the process or the time. ``source`` labels a file by its name (with as many parent folders
+as make it unique among the split's files); ``metadata.json`` keeps the absolute paths. tfds
+serialises each record's feature map in the process's hash order; `DeterministicWriter`
+re-serialises it sorted, so preparing the same files twice gives byte-identical array_record
+shards (and ``dataset_info.json``, ``features.json``).
+
 tfds writes and reads array_record without TensorFlow (checked with tensorflow absent: the
 default install has none); reading uses ``tfds.data_source`` / ``builder_from_directory``.
 """
@@ -21,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.proto import tf_example_pb2
 
 from qtarget_jax.data import records
 
@@ -73,13 +84,62 @@ class JsonlSft(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(paths)
                 for split, paths in self._split_files.items()}
 
+    def _example_writer(self) -> tfds.core.ExampleWriter:
+        return DeterministicWriter(file_format=self.info.file_format)
+
     def _generate_examples(self, paths: Sequence[str]):
-        for path in paths:
+        labels = source_labels(paths)
+        for index, path in enumerate(paths):
             for where, conv in records.read_jsonl(path, self._policy):
-                yield where, {
+                line = int(where.rpartition(":")[2])  # read_jsonl's where is "PATH:LINE"
+                yield example_key(index, line), {
                     "messages": records.conversation_to_dicts(conv),
-                    "source": where,
+                    "source": f"{labels[index]}:{line}",
                 }
+
+
+class DeterministicWriter(tfds.core.ExampleWriter):
+    """tfds's writer, with each tf.Example re-serialised with sorted map keys.
+
+    tfds serialises the ``features`` map of a record in upb's hash order, which differs from
+    one process to the next; the bytes then differ though the records are equal.
+    """
+
+    def write(self, path, examples):
+        def sorted_bytes():
+            for key, raw in examples:
+                ex = tf_example_pb2.Example()
+                ex.ParseFromString(raw)
+                yield key, ex.SerializeToString(deterministic=True)
+        return super().write(path, sorted_bytes())
+
+
+def example_key(file_index: int, line: int) -> str:
+    """The tfds key of a row: ``"FILE_INDEX:LINE"``, its place in the split, not its path.
+
+    tfds orders a split by md5(split name + key), so this key makes the stored order a pure
+    function of the split's list of files and their line layout (module doc).
+    """
+    return f"{file_index}:{line}"
+
+
+def source_labels(paths: Sequence[str]) -> list[str]:
+    """Short, folder-independent names of ``paths`` for the ``source`` feature.
+
+    Each is the file name, with parent folders added only while two paths of the list would
+    share the label: ``["/x/a/train.jsonl", "/y/b/train.jsonl"] -> ["a/train.jsonl",
+    "b/train.jsonl"]``; ``["/x/a.jsonl"] -> ["a.jsonl"]``.
+    """
+    parts = [os.path.normpath(p).replace(os.sep, "/").split("/") for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = {i for i, a in enumerate(labels) for j, b in enumerate(labels)
+                 if i != j and a == b and depth[i] < len(parts[i])}
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
 
 
 def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name: str, *,
