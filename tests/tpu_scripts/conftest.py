@@ -7,9 +7,17 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 from tpu_helpers import FAKE_GCLOUD, SCRIPTS, FakeGcloud, write_settings
+
+# A terminal starts a job with SIGINT at its default action. A test process may have inherited
+# SIGINT ignored (`pytest ... &` from a script), and bash cannot trap a signal ignored on entry:
+# reset it, then exec the command (no preexec_fn: unsafe in a process with threads).
+AS_TERMINAL_JOB = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 @pytest.fixture
@@ -50,9 +58,10 @@ def run_script(tmp_path: pathlib.Path, fake_gcloud: FakeGcloud):
         }
         full_env.update(env or {})
         if background:  # its own process group, so a test can Ctrl-C it like a terminal
-            return subprocess.Popen(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=full_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=tmp_path, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-c", AS_TERMINAL_JOB, "bash", str(SCRIPTS / f"{name}.sh"),
+                 *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, cwd=tmp_path, start_new_session=True)
         return subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], env=full_env,
                               capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     run.stage = stage

@@ -79,13 +79,14 @@ case ${4:-} in
     fi
     for a in "$@"; do
       case $a in
-        --command=*tail*-F*)  # logs --follow: stream until Ctrl-C, exit 1 like gcloud does
-          # The trap is in place before the test is told we follow, and the sleep (which a
-          # non-interactive shell starts with SIGINT ignored) does not hold the output pipes.
-          sleep 30 >/dev/null 2>&1 &
-          trap 'kill $!; exit 1' INT
+        --command=*tail*-F*)  # logs --follow: stream until Ctrl-C, then exit 1 as gcloud does
+          # The trap is in place before the test is told we follow. Short foreground sleeps,
+          # not one background sleep and `wait`: bash can miss a SIGINT that lands just before
+          # `wait` blocks (it then sleeps the 30 s out), while a foreground sleep dies with the
+          # group's SIGINT and the trap runs as soon as it has. Not stopped: exit 0 after 30 s.
+          trap 'exit 1' INT
           touch "$d/following"
-          wait
+          for ((i = 0; i < 600; i++)); do sleep 0.05; done
           ;;
         --command=*train_status.sh*) cat "$d/train_status" 2>/dev/null || echo "running 123" ;;
         --output-directory=*)
