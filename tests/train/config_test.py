@@ -2,6 +2,7 @@
 import pathlib
 
 import pytest
+import yaml
 
 from qtarget_jax.config import ConfigError, load_config, parse_override, save_resolved
 
@@ -62,7 +63,65 @@ def test_parse_override_types():
     assert parse_override("a=x=y") == {"a": "x=y"}
 
 
-def test_all_shipped_configs_load():
-    for path in REPO_CONFIGS.glob("*.yaml"):
-        if path.name != "base.yaml":
-            load_config(path)
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{"optim.lr": 0.01, "loss.target": {...}, ...}: free-form dicts stay whole."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix + key not in ("model.config", "loss.target"):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _expected(*files: pathlib.Path) -> dict:
+    """Reference layering read straight from the YAML: later files win leaf by leaf; free-form
+    dicts merge key by key unless the later one names a preset (then it replaces)."""
+    out: dict = {}
+    for path in files:
+        for key, value in _leaves(yaml.safe_load(path.read_text()) or {}).items():
+            if isinstance(value, dict) and key in out and "preset" not in value:
+                value = {**out[key], **value}
+            out[key] = value
+    return out
+
+
+def _resolved(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+JOBS = sorted(p.name for p in REPO_CONFIGS.glob("*.yaml"))
+MODELS = sorted(p.stem for p in (REPO_CONFIGS / "models").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_shipped_job_resolves_to_its_files_values(job):
+    """Each configs/*.yaml (base.yaml too) loads, and every key that base.yaml, its model file
+    or the job sets has the value the layered YAML gives."""
+    path = REPO_CONFIGS / job
+    name = (yaml.safe_load(path.read_text()).get("model") or {}).get("name", "smollm2")
+    loaded = load_config(path)
+    model_file = REPO_CONFIGS / "models" / f"{name}.yaml"
+    assert loaded.sources == (str(REPO_CONFIGS / "base.yaml"), str(model_file), str(path))
+    want = _expected(REPO_CONFIGS / "base.yaml", model_file, path)
+    assert len(want) > 30  # base.yaml alone sets 40-odd keys
+    for key, value in want.items():
+        got = _resolved(loaded.config, key)
+        if isinstance(got, float) and isinstance(value, (str, int)):  # YAML 1.1: "9.89e+14"
+            value = float(value)
+        assert got == value and type(got) is type(value), (key, got, value)
+
+
+def test_base_yaml_as_a_job_changes_nothing():
+    assert load_config(REPO_CONFIGS / "base.yaml").config == load_config(None).config
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_file_is_selectable_by_name(name):
+    loaded = load_config(None, (f"model.name={name}",))
+    model_file = REPO_CONFIGS / "models" / f"{name}.yaml"
+    assert loaded.sources[1] == str(model_file)
+    for key, value in _expected(model_file).items():
+        assert _resolved(loaded.config, key) == value, key
