@@ -34,11 +34,18 @@ class ModelSection:
     source: str = "smollm2"  # load_model argument ("smollm2" | HF folder | .gguf) or "init"
     config: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields / overrides
     tokenizer: Optional[str] = None  # folder or .gguf; null: the source's (init: SmolLM2's)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations + params in step
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations; each float32
+    #                                master weight is cast to it once, where it is used
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                    "nothing_saveable"] = "none"  # per-layer rematerialisation policy
-    teacher: Optional[str] = None  # teacher source when the target needs one; null: the
-    #                                frozen initial student (same weights, not trained)
+    teacher: Optional[str] = None  # teacher source when the target needs one ("smollm2" |
+    #                                HF folder | .gguf | exported run dir): any architecture
+    #                                with the student's tokenizer; null: the frozen initial
+    #                                student (a device copy, not trained)
+    teacher_dtype: Optional[Literal["float32", "bfloat16"]] = None  # teacher param dtype;
+    #                                null: model.compute_dtype (no f32 master copy needed)
+    teacher_config: dict = dataclasses.field(default_factory=dict)  # ModelConfig overrides
+    #                                for the teacher (scan_layers defaults to model.config's)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ def load_source(source: str) -> tuple[nnx.Module, Any]:
     """(model, tokenizer) from a `load_model` source; raises when it has no tokenizer."""
     from qtarget_jax.models.loading import load_model
 
-    model, _, tokenizer = load_model(source, dtype="float32")
+    model, _, tokenizer = load_model(source, param_dtype="float32")
     if tokenizer is None:
         raise ValueError(f"evaluate: model source {source!r} has no tokenizer files")
     return model, tokenizer
