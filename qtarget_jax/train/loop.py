@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from qtarget_jax import checkpoint as ckpt_lib
-from qtarget_jax.config import LoadedConfig, TrainConfig, save_resolved
+from qtarget_jax.config import LoadedConfig, TrainConfig, check_sources, save_resolved
 from qtarget_jax.train import build, metrics as metrics_lib
 from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import make_optimizer
@@ -80,6 +80,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     checkpoint.dir), curves.png, hf/ (checkpoint.export_hf).
     """
     cfg: TrainConfig = loaded.config
+    check_sources(cfg)  # missing files are one ConfigError naming the key, before JAX starts
     build.init_distributed(cfg.run)
     from qtarget_jax.models.sharding import LOGICAL_RULES
     from qtarget_jax.targets import spec_from_dict
