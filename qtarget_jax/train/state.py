@@ -121,7 +121,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
 
     Args:
       model: the student; params already sharded on `mesh` (load_model(mesh=...),
-        `build.init_model`) stay where they are, host params are cut per shard.
+        `build.init_model`) are used as they are (so the step, which donates the state,
+        consumes those buffers: do not reuse `model` afterwards); others are copied per shard.
       rules: logical axis name -> mesh axes (default the one table, LOGICAL_RULES).
       teacher: None (no teacher), INITIAL (a frozen device copy of the initial student), or a
         frozen nnx.Module of any architecture sharing the student's vocabulary.
