@@ -106,8 +106,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                      teacher_cfg.num_layers, teacher_cfg.hidden_size, teacher_cfg.param_dtype)
     tx, schedule = make_optimizer(cfg.optim, cfg.schedule, cfg.run.steps)
     built = init_state(model, tx, mesh, LOGICAL_RULES, cfg.run.seed, teacher=teacher,
-                       teacher_dtype=build.teacher_param_dtype(cfg.model))
-    del model, teacher
+                       teacher_dtype=build.teacher_param_dtype(cfg.model), consume=True)
+    del model, teacher  # their buffers now belong to the state
     state = built.state
     bsh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     loss_fn = make_loss_fn(spec, cfg.loss.normalization, fused=cfg.loss.fused, mesh=mesh,

@@ -76,22 +76,32 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
         tx, lambda _, s: s, abstract, param_shardings, transform_non_params=lambda _: rep)
 
 
-def place(tree: Any, shardings: Any) -> Any:
+def place(tree: Any, shardings: Any, consume: bool = False) -> Any:
     """Arrays -> global arrays placed per `shardings`, without a whole host copy when possible.
 
-    A jax.Array already in its sharding is kept; one sharded otherwise is resharded on device;
+    A jax.Array already in its sharding is kept when `consume` (the caller gives its buffers
+    up: the step donates the state), else copied on device shard by shard; one sharded
+    otherwise is resharded on device;
     host values (numpy, or single-device arrays identical on every process) are cut per shard
     by `jax.make_array_from_callback` (each process fills only its addressable shards).
     """
-    def put(x, sharding):
-        if isinstance(x, jax.Array):
-            if x.sharding == sharding:
-                return x
-            if not x.is_fully_addressable or len(x.sharding.device_set) > 1:
-                return jax.device_put(x, sharding)
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    same = [isinstance(x, jax.Array) and x.sharding == s for x, s in zip(leaves, targets)]
+    if not consume and any(same):  # one jitted copy of all of them
+        copies = iter(frozen_copy([x for x, m in zip(leaves, same) if m],
+                                  [s for s, m in zip(targets, same) if m]))
+        leaves = [next(copies) if m else x for x, m in zip(leaves, same)]
+
+    def put(x, sharding, kept):
+        if kept:
+            return x
+        if isinstance(x, jax.Array) and (not x.is_fully_addressable
+                                         or len(x.sharding.device_set) > 1):
+            return jax.device_put(x, sharding)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.tree.map(put, tree, shardings)
+    return treedef.unflatten([put(x, s, m) for x, s, m in zip(leaves, targets, same)])
 
 
 def _split_params(model: nnx.Module, mesh: Mesh, rules):
@@ -116,13 +126,15 @@ def frozen_copy(params: Any, shardings: Any, dtype: Any = None) -> Any:
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
                rules: Any = LOGICAL_RULES, seed: int = 0,
                teacher: Union[None, str, nnx.Module] = None,
-               teacher_dtype: Any = None) -> Built:
+               teacher_dtype: Any = None, consume: bool = False) -> Built:
     """Splits `model`, places params by the logical rules and initialises optax sharded.
 
     Args:
       model: the student; params already sharded on `mesh` (load_model(mesh=...),
-        `build.init_model`) are used as they are (so the step, which donates the state,
-        consumes those buffers: do not reuse `model` afterwards); others are copied per shard.
+        `build.init_model`) are copied on device, shard by shard, or with `consume=True` used
+        as they are (the step donates the state, so `model` and `teacher` must not be used
+        afterwards: the loop's choice, saving a transient second copy); host params are cut
+        per shard.
       rules: logical axis name -> mesh axes (default the one table, LOGICAL_RULES).
       teacher: None (no teacher), INITIAL (a frozen device copy of the initial student), or a
         frozen nnx.Module of any architecture sharing the student's vocabulary.
@@ -132,7 +144,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
       Built(state, shardings, graphdef, teacher_graphdef), state placed per `shardings`.
     """
     graphdef, params, rest, p_shard, rest_shard = _split_params(model, mesh, rules)
-    params = place(params, p_shard)
+    params = place(params, p_shard, consume)
     o_shard = opt_state_shardings(tx, params, p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     rep = mesh_lib.replicated(mesh)
@@ -143,14 +155,15 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
                              "Module or None")
         t_graphdef, t_shard, t_rest_shard = graphdef, p_shard, rest_shard
         t_params = frozen_copy(params, p_shard, teacher_dtype)
-        t_rest = place(rest, rest_shard)
+        t_rest = place(rest, rest_shard, consume)
     elif teacher is not None:
         t_graphdef, t_params, t_rest, t_shard, t_rest_shard = _split_params(teacher, mesh, rules)
-        t_params, t_rest = place(t_params, t_shard), place(t_rest, t_rest_shard)
+        t_params = place(t_params, t_shard, consume)
+        t_rest = place(t_rest, t_rest_shard, consume)
     state = TrainState(
         step=place(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
         rng=place(jax.random.key_data(jax.random.PRNGKey(seed)), rep),
-        teacher=t_params, rest=place(rest, rest_shard), teacher_rest=t_rest)
+        teacher=t_params, rest=place(rest, rest_shard, consume), teacher_rest=t_rest)
     shardings = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep,
                            teacher=t_shard, rest=rest_shard, teacher_rest=t_rest_shard)
     return Built(state=state, shardings=shardings, graphdef=graphdef,
