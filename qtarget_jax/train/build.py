@@ -129,8 +129,7 @@ def check_teacher_tokenizer(student_tok: Any, teacher_tok: Any, student_src: str
                          f"model.source={student_src!r} (model.tokenizer when set): {e}") from None
 
 
-def build_teacher(section: ModelSection, seed: int, student_tokenizer: Any, student_cfg, *,
-                  mesh=None):
+def build_teacher(section: ModelSection, seed: int, student_tokenizer: Any, *, mesh=None):
     """The frozen teacher: (teacher, teacher ModelConfig or None).
 
     model.teacher null: `state.INITIAL` (the frozen initial student, copied on device by

@@ -99,8 +99,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed, mesh=mesh)
     teacher, teacher_graphdef = None, None
     if spec.needs_teacher:
-        teacher, teacher_cfg = build.build_teacher(cfg.model, cfg.run.seed, tokenizer, model_cfg,
-                                                   mesh=mesh)
+        teacher, teacher_cfg = build.build_teacher(cfg.model, cfg.run.seed, tokenizer, mesh=mesh)
         if teacher_cfg is not None:
             log.info("teacher %s: %d layers, hidden %d, %s params", cfg.model.teacher,
                      teacher_cfg.num_layers, teacher_cfg.hidden_size, teacher_cfg.param_dtype)

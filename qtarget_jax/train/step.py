@@ -43,7 +43,8 @@ def teacher_logits_for(t_logits: jax.Array, vocab: int, real_vocab: Optional[int
     """Teacher logits [..., V_T] -> [..., V] aligned with the student's V head rows.
 
     Rows past V are padding (checked at start-up: the tokenizer has at most V tokens) and are
-    dropped (a shorter teacher head is padded); ids in [real_vocab, V) are padding of the student's head, masked to PAD_LOGIT.
+    dropped (a shorter teacher head is padded); ids in [real_vocab, V) are padding of the
+    student's head, masked to PAD_LOGIT.
     """
     t_logits = _fit_columns(t_logits, vocab, real_vocab)
     if real_vocab is None or real_vocab >= vocab:

@@ -188,9 +188,9 @@ def teacher_run(tmp_path_factory, char_tokenizer) -> str:
 def test_other_vocabulary_teacher_is_refused_naming_both_sources(tmp_path, char_tokenizer):
     other = _teacher_folder(tmp_path / "t", write_char_tokenizer(tmp_path / "tok", swap=True))
     section = ModelSection(source="init", config=MODEL, tokenizer=char_tokenizer, teacher=other)
-    _, cfg, tok = build.build_model(section, 0)
+    _, _, tok = build.build_model(section, 0)
     with pytest.raises(ValueError) as err:
-        build.build_teacher(section, 0, tok, cfg)
+        build.build_teacher(section, 0, tok)
     msg = str(err.value)
     assert f"model.teacher={other!r}" in msg and char_tokenizer in msg, msg
     assert "differ at id 67: teacher 'b', student 'a'" in msg, msg
@@ -201,8 +201,8 @@ def test_teacher_from_an_exported_run_created_sharded(teacher_run, char_tokenize
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8})
     section = ModelSection(source="init", config=MODEL, tokenizer=char_tokenizer,
                            teacher=teacher_run, teacher_dtype="bfloat16")
-    student, cfg, tok = build.build_model(section, 0, mesh=mesh)
-    teacher, t_cfg = build.build_teacher(section, 0, tok, cfg, mesh=mesh)
+    student, _, tok = build.build_model(section, 0, mesh=mesh)
+    teacher, t_cfg = build.build_teacher(section, 0, tok, mesh=mesh)
     assert (t_cfg.hidden_size, t_cfg.num_layers, t_cfg.param_dtype) == (64, 3, "bfloat16")
     tx, _ = make_optimizer(OptimSection(), ScheduleSection(), 10)
     built = init_state(student, tx, mesh, seed=0, teacher=teacher)
