@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from qtarget_jax.config import ConfigError, load_config
+from qtarget_jax.config import ConfigError, check_sources, load_config
 
 
 def main(argv=None) -> int:
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file at INFO
     try:
         loaded = load_config(args.config, tuple(args.overrides))
+        check_sources(loaded.config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

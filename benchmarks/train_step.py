@@ -44,7 +44,7 @@ def bench_jax(steps: int) -> list[float]:
     from qtarget_jax.train.state import init_state
     from qtarget_jax.train.step import jit_train_step, logits_loss
 
-    model, cfg, _ = load_model(_hf_folder(), dtype="float32")
+    model, cfg, _ = load_model(_hf_folder(), param_dtype="float32")
     mesh = mesh_lib.make_mesh({"data": -1})
     tx, sched = make_optimizer(OptimSection(lr=LR, weight_decay=WD, clip_norm=None),
                                ScheduleSection("constant"), 10 ** 6)

@@ -194,7 +194,7 @@ def get_teacher(trainer: Trainer, tokenizer, clean, cfg: ExperimentConfig, log) 
     if os.path.isfile(marker):
         log({"event": "teacher_loaded", "dir": cfg.teacher_dir})
         # The student's layer layout: the step merges teacher params with its graphdef.
-        return load_hf(cfg.teacher_dir, dtype="float32", scan_layers=cfg.scan_layers)[0]
+        return load_hf(cfg.teacher_dir, param_dtype="float32", scan_layers=cfg.scan_layers)[0]
     t0 = time.perf_counter()
     teacher, losses, seen = trainer.train("teacher", {"preset": "sft"}, clean, seed=0,
                                           steps=cfg.teacher_steps, lr=cfg.teacher_lr,
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> None:
             f.write(json.dumps(rec) + "\n")
 
     from qtarget_jax.models.loading import load_model
-    base, _, tokenizer = load_model(cfg.model, dtype="float32", scan_layers=cfg.scan_layers)
+    base, _, tokenizer = load_model(cfg.model, param_dtype="float32", scan_layers=cfg.scan_layers)
     noisy = synth_generate(cfg.n_train, cfg.n_test, seed=cfg.data_seed, noise=cfg.noise,
                            phrasings=cfg.phrasings)
     clean = synth_generate(cfg.n_train, cfg.n_test, seed=cfg.data_seed, noise=0.0,

@@ -34,11 +34,18 @@ class ModelSection:
     source: str = "smollm2"  # load_model argument ("smollm2" | HF folder | .gguf) or "init"
     config: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields / overrides
     tokenizer: Optional[str] = None  # folder or .gguf; null: the source's (init: SmolLM2's)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations + params in step
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations; each float32
+    #                                master weight is cast to it once, where it is used
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                    "nothing_saveable"] = "none"  # per-layer rematerialisation policy
-    teacher: Optional[str] = None  # teacher source when the target needs one; null: the
-    #                                frozen initial student (same weights, not trained)
+    teacher: Optional[str] = None  # teacher source when the target needs one ("smollm2" |
+    #                                HF folder | .gguf | exported run dir): any architecture
+    #                                with the student's tokenizer; null: the frozen initial
+    #                                student (a device copy, not trained)
+    teacher_dtype: Optional[Literal["float32", "bfloat16"]] = None  # teacher param dtype;
+    #                                null: model.compute_dtype (no f32 master copy needed)
+    teacher_config: dict = dataclasses.field(default_factory=dict)  # ModelConfig overrides
+    #                                for the teacher (scan_layers defaults to model.config's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,9 +304,67 @@ def load_config(job: Optional[str | pathlib.Path] = None, overrides: tuple[str, 
         _merge(merged, data, TrainConfig, src, prov, overridden)
     try:
         cfg = _build(TrainConfig, merged)
+        check_target(cfg)
     except ConfigError as e:
         raise ConfigError(f"{' <- '.join(s for s, _ in layers)}: {e}") from None
     return LoadedConfig(cfg, tuple(s for s, _ in layers), tuple(overridden))
+
+
+def check_target(cfg: TrainConfig) -> None:
+    """loss.target builds a TargetSpec (preset name, fields, ranges), else ConfigError."""
+    from qtarget_jax.targets import spec_from_dict  # pure functions: no JAX backend starts
+    try:
+        spec_from_dict(dict(cfg.loss.target))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"loss.target={dict(cfg.loss.target)!r}: {e}") from None
+
+
+def _model_source_problem(source: str) -> Optional[str]:
+    """Why `source` cannot be loaded by load_model (None when it can)."""
+    if source == "smollm2":
+        return None
+    path = pathlib.Path(source).expanduser()
+    if source.endswith(".gguf"):
+        return None if path.is_file() else "no such .gguf file"
+    if not path.is_dir():
+        return "no such folder (expected \"smollm2\", a .gguf file, a Hugging Face folder " \
+               "or an exported run)"
+    if not ((path / "config.json").is_file() or (path / "hf" / "config.json").is_file()):
+        return "the folder has no config.json (nor hf/config.json of an exported run)"
+    return None
+
+
+def check_sources(cfg: TrainConfig) -> None:
+    """The files a run reads exist: model.source, model.teacher, model.tokenizer, data.path and
+    eval.problems. Run before JAX starts (train.py and train.loop.run); raises one ConfigError
+    naming the key and value."""
+    m = cfg.model
+    checks = [("model.source", m.source, None if m.source == "init"
+               else _model_source_problem(m.source))]
+    if m.teacher is not None:
+        checks.append(("model.teacher", m.teacher, "a teacher must be a trained model, not init"
+                       if m.teacher == "init" else _model_source_problem(m.teacher)))
+    if m.tokenizer:
+        path = pathlib.Path(m.tokenizer).expanduser()
+        ok = path.is_file() if m.tokenizer.endswith(".gguf") else path.is_dir()
+        checks.append(("model.tokenizer", m.tokenizer,
+                       None if ok else "no such tokenizer folder or .gguf file"))
+    data = cfg.data.path
+    looks_like_path = data.startswith(("/", ".", "~")) or data.count("/") > 1
+    if pathlib.Path(data).expanduser().is_dir():
+        problem = None
+    elif looks_like_path:
+        problem = ("no such folder; prepare it with `python -m qtarget_jax.data prepare` "
+                   "(docs/data.md)")
+    else:
+        problem = None  # a tfds catalog name, resolved by the data pipeline
+    checks.append(("data.path", data, problem))
+    if cfg.eval.problems:
+        checks.append(("eval.problems", cfg.eval.problems, None if pathlib.Path(
+            cfg.eval.problems).expanduser().is_file() else "no such file"))
+    for key, value, problem in checks:
+        if problem:
+            raise ConfigError(f"{key}={value!r}: {problem}")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

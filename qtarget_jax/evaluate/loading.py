@@ -14,19 +14,49 @@ def load_source(source: str) -> tuple[nnx.Module, Any]:
     """(model, tokenizer) from a `load_model` source; raises when it has no tokenizer."""
     from qtarget_jax.models.loading import load_model
 
-    model, _, tokenizer = load_model(source, dtype="float32")
+    model, _, tokenizer = load_model(source, param_dtype="float32")
     if tokenizer is None:
         raise ValueError(f"evaluate: model source {source!r} has no tokenizer files")
     return model, tokenizer
 
 
+def _model_of_run(section) -> tuple[nnx.Module, Any]:
+    """(model with placeholder params, tokenizer) shaped as the run's `model` section built it:
+    abstract for source=init (nothing allocated until the checkpoint fills it), else loaded."""
+    from qtarget_jax.models import Decoder, ModelConfig
+    from qtarget_jax.models.gguf_io import default_model_path
+    from qtarget_jax.models.loading import load_model
+    from qtarget_jax.models.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    def tokenizer_at(path):
+        return tokenizer_from_gguf(path) if path.endswith(".gguf") else load_tokenizer(path)
+    changes = {**section.config, "dtype": section.compute_dtype}
+    if section.source == "init":
+        cfg = ModelConfig(**changes)
+        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        return model, tokenizer_at(section.tokenizer or default_model_path())
+    compute = changes.pop("dtype")
+    model, _, tokenizer = load_model(section.source, param_dtype="float32",
+                                     compute_dtype=compute, **changes)
+    if section.tokenizer:
+        tokenizer = tokenizer_at(section.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"evaluate: model.source={section.source!r} has no tokenizer; the "
+                         "run's config must set model.tokenizer")
+    return model, tokenizer
+
+
 def load_checkpoint(run_dir: str, step: int | None = None) -> tuple[nnx.Module, Any, int]:
     """(model, tokenizer, step) with the params of checkpoint `step` (default the latest) of the
-    training run in `run_dir` (its `config.yaml` and `checkpoints/`, or `checkpoint.dir`)."""
+    training run in `run_dir` (its `config.yaml` and `checkpoints/`, or `checkpoint.dir`).
+
+    The checkpoint's layout comes from the training state itself
+    (`train.state.abstract_checkpoint_items`), restored onto one device.
+    """
     from qtarget_jax import checkpoint as ckpt_lib
     from qtarget_jax.config import load_config
-    from qtarget_jax.train import build
     from qtarget_jax.train.optim import make_optimizer
+    from qtarget_jax.train.state import abstract_checkpoint_items
 
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
@@ -39,16 +69,12 @@ def load_checkpoint(run_dir: str, step: int | None = None) -> tuple[nnx.Module, 
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"evaluate: no checkpoint in {ckpt_dir}")
-        model, _, tokenizer = build.build_model(cfg.model, cfg.run.seed)
+        model, tokenizer = _model_of_run(cfg.model)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx, _ = make_optimizer(cfg.optim, cfg.schedule, cfg.run.steps)
-        pure = params.to_pure_dict()
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        items = {"step": jax.ShapeDtypeStruct((), "int32"), "params": pure,
-                 "opt_state": jax.eval_shape(tx.init, pure),
-                 "rng": jax.ShapeDtypeStruct((2,), "uint32")}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                items)
+        abstract = abstract_checkpoint_items(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict()),
+            tx, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         restored, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()

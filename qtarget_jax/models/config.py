@@ -172,6 +172,21 @@ class ModelConfig:
             **override})
 
     @classmethod
+    def qwen25_math_1_5b(cls, **override: Any) -> "ModelConfig":
+        """Qwen/Qwen2.5-Math-1.5B(-Instruct): q/k/v bias, tied embeddings, 4k context."""
+        return cls(**{**dict(
+            model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+            num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=10000.0,
+            rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True,
+            max_position_embeddings=4096), **override})
+
+    @classmethod
+    def qwen25_math_7b(cls, **override: Any) -> "ModelConfig":
+        """Qwen/Qwen2.5-Math-7B(-Instruct): the 1.5B's tokenizer, 152064 head rows, 4k context."""
+        return cls.qwen25_7b(**{**dict(rope_theta=10000.0, max_position_embeddings=4096),
+                                **override})
+
+    @classmethod
     def qwen3_0_6b(cls, **override: Any) -> "ModelConfig":
         """Qwen/Qwen3-0.6B: q/k RMSNorm, tied embeddings, head_dim 128 != D / H."""
         return cls(**{**dict(

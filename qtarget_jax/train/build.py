@@ -4,6 +4,7 @@ Kept apart from the loop so each piece can be built (and tested) alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -39,8 +40,14 @@ def _tokenizer(path: str) -> Any:
     return tokenizer_from_gguf(path) if path.endswith(".gguf") else load_tokenizer(path)
 
 
-def _model_config_changes(section: ModelSection) -> dict:
-    return {"dtype": section.compute_dtype, "remat_policy": section.remat}
+def resolve_source(source: str) -> str:
+    """A model source as `load_model` reads it: an exported training run (a folder holding
+    `hf/config.json`, written by checkpoint.export_hf) becomes its `hf/` folder."""
+    exported = os.path.join(source, "hf")
+    if (os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json"))
+            and os.path.isfile(os.path.join(exported, "config.json"))):
+        return exported
+    return source
 
 
 def check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
@@ -50,32 +57,53 @@ def check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
                          f"vocab_size is {vocab_size}; set model.tokenizer or model.config")
 
 
-def build_model(section: ModelSection, seed: int, source: Optional[str] = None):
+def init_model(cfg, seed: int, mesh=None, rules=None) -> nnx.Module:
+    """A random Decoder(cfg), created directly in its NamedShardings when `mesh` is given:
+    nnx.eval_shape gives the abstract params, a jit with out_shardings creates each shard on
+    its device (no host ever holds the whole model)."""
+    from qtarget_jax.models import Decoder
+    from qtarget_jax.models.sharding import LOGICAL_RULES, param_shardings
+
+    def create():
+        return Decoder(cfg, rngs=nnx.Rngs(seed))
+    if mesh is None:
+        return create()
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = param_shardings(abstract, mesh, LOGICAL_RULES if rules is None else rules)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def build_model(section: ModelSection, seed: int, source: Optional[str] = None, *,
+                mesh=None, param_dtype: str = "float32", config: Optional[dict] = None,
+                remat: Optional[str] = None):
     """Returns (model, ModelConfig, tokenizer) for `source` (default section.source).
 
-    "init": a random Decoder from ModelConfig(**section.config); otherwise load_model(source)
-    with section.config applied as ModelConfig overrides. compute dtype and remat come from the
-    section in both cases.
+    "init": a random Decoder from ModelConfig(**config); otherwise load_model(source) with
+    `config` applied as ModelConfig overrides (default section.config). Params are created in
+    `param_dtype` (float32 master weights for the student), directly sharded over `mesh` when
+    given; activations run in section.compute_dtype; remat defaults to section.remat.
     """
-    from qtarget_jax.models import Decoder, ModelConfig
+    from qtarget_jax.models import ModelConfig
     from qtarget_jax.models.gguf_io import default_model_path
 
-    source = source or section.source
-    changes = {**section.config, **_model_config_changes(section)}
+    source = resolve_source(source or section.source)
+    changes = {**(section.config if config is None else config),
+               "dtype": section.compute_dtype,
+               "remat_policy": section.remat if remat is None else remat}
     if source == "init":
         try:
-            cfg = ModelConfig(**changes)
+            cfg = ModelConfig(**{**changes, "param_dtype": param_dtype})
         except TypeError as e:
             raise ValueError(f"model.config: {e}") from None
-        model = Decoder(cfg, rngs=nnx.Rngs(seed))
+        model = init_model(cfg, seed, mesh)
         tokenizer = _tokenizer(section.tokenizer or default_model_path())
         check_vocab(tokenizer, cfg.vocab_size, "model.source=init")
         return model, cfg, tokenizer
     from qtarget_jax.models.loading import load_model
-    # Master weights stay float32 (load_model's `dtype` is the param dtype); activations run in
-    # model.compute_dtype, and the step casts the weights to it.
     compute = changes.pop("dtype")
-    model, cfg, tokenizer = load_model(source, dtype="float32", compute_dtype=compute, **changes)
+    model, cfg, tokenizer = load_model(source, mesh=mesh, param_dtype=param_dtype,
+                                       compute_dtype=compute, **changes)
     if tokenizer is None and not section.tokenizer:
         raise ValueError(f"model.source={source}: no tokenizer found; set model.tokenizer")
     if section.tokenizer:
@@ -84,12 +112,56 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None):
     return model, cfg, tokenizer
 
 
-def build_teacher(section: ModelSection, student: nnx.Module, seed: int) -> nnx.Module:
-    """The frozen teacher: model.teacher's source, or (null) a copy of the initial student."""
+def teacher_param_dtype(section: ModelSection) -> str:
+    """model.teacher_dtype, or (null) model.compute_dtype: a frozen teacher needs no float32
+    master weights when the step computes in bfloat16."""
+    return section.teacher_dtype or section.compute_dtype
+
+
+def check_teacher_tokenizer(student_tok: Any, teacher_tok: Any, student_src: str,
+                            teacher_src: str) -> None:
+    """Same token -> id map, or a ValueError naming both sources and the first difference."""
+    from qtarget_jax.targets import check_teacher_tokenizer as check
+    try:
+        check(student_tok.get_vocab(), teacher_tok.get_vocab())
+    except ValueError as e:
+        raise ValueError(f"model.teacher={teacher_src!r} does not share the tokenizer of "
+                         f"model.source={student_src!r} (model.tokenizer when set): {e}") from None
+
+
+def build_teacher(section: ModelSection, seed: int, student_tokenizer: Any, *, mesh=None):
+    """The frozen teacher: (teacher, teacher ModelConfig or None).
+
+    model.teacher null: `state.INITIAL` (the frozen initial student, copied on device by
+    init_state in teacher_param_dtype). Otherwise the model at model.teacher (HF folder, GGUF,
+    "smollm2", exported run), any architecture, loaded straight into its shardings over `mesh`
+    in `teacher_param_dtype`, with model.teacher_config as ModelConfig overrides. Its
+    tokenizer must map every token to the same id as the student's (checked here, before any
+    training); head rows past the tokenizer are padding, masked in the loss.
+    """
+    from qtarget_jax.train.state import INITIAL
     if section.teacher is None:
-        return nnx.clone(student)
-    teacher, _, _ = build_model(section, seed, source=section.teacher)
-    return teacher
+        return INITIAL, None
+    config = dict(section.teacher_config)
+    if "scan_layers" in section.config and "scan_layers" not in config:
+        config["scan_layers"] = section.config["scan_layers"]
+    teacher_section = dataclasses.replace(section, tokenizer=None)
+    try:
+        teacher, cfg, teacher_tok = build_model(
+            teacher_section, seed, source=section.teacher, mesh=mesh,
+            param_dtype=teacher_param_dtype(section), config=config, remat="none")
+    except ValueError as e:
+        if "no tokenizer found" in str(e):
+            raise ValueError(f"model.teacher={section.teacher!r}: no tokenizer files; the "
+                             "teacher's tokenizer is needed to check it matches the "
+                             "student's") from None
+        raise
+    student_src = section.tokenizer or section.source
+    check_teacher_tokenizer(student_tokenizer, teacher_tok, student_src, section.teacher)
+    if len(student_tokenizer) > cfg.vocab_size:
+        raise ValueError(f"model.teacher={section.teacher!r}: head has {cfg.vocab_size} rows "
+                         f"but the tokenizer {len(student_tokenizer)} tokens")
+    return teacher, cfg
 
 
 def train_iterator(data: DataSection, tokenizer: Any):

@@ -15,34 +15,18 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qtarget_jax import checkpoint as ckpt_lib
-from qtarget_jax.config import LoadedConfig, TrainConfig, save_resolved
+from qtarget_jax.config import LoadedConfig, TrainConfig, check_sources, save_resolved
 from qtarget_jax.train import build, metrics as metrics_lib
 from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import make_optimizer
 from qtarget_jax.train.signals import StopRequest
 from qtarget_jax.train.state import init_state
-from qtarget_jax.train.step import DIAGNOSTICS, jit_train_step, make_loss_fn
+from qtarget_jax.train.step import DIAGNOSTICS, jit_train_step, make_eval_step, make_loss_fn
 
 log = logging.getLogger("qtarget_jax.train")
-
-
-def make_eval_step(graphdef, loss_fn, compute_dtype, shardings, batch_sharding, rep):
-    """Jitted (state, batch) -> summed loss/diagnostics over the batch, no gradients."""
-    from flax import nnx
-
-    from qtarget_jax.train.step import _cast
-
-    def eval_sums(state, batch):
-        model = nnx.merge(graphdef, _cast(state.params, compute_dtype), state.rest)
-        teacher = (None if state.teacher is None else
-                   nnx.merge(graphdef, _cast(state.teacher, compute_dtype), state.rest))
-        loss_sum, denom, sums = loss_fn(model, batch, teacher)
-        return {"loss_sum": loss_sum, "denominator": denom, **sums}
-    return jax.jit(eval_sums, in_shardings=(shardings, batch_sharding), out_shardings=rep)
 
 
 def evaluate(eval_step, state, batches, mesh) -> dict[str, float]:
@@ -96,6 +80,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     checkpoint.dir), curves.png, hf/ (checkpoint.export_hf).
     """
     cfg: TrainConfig = loaded.config
+    check_sources(cfg)  # missing files are one ConfigError naming the key, before JAX starts
     build.init_distributed(cfg.run)
     from qtarget_jax.models.sharding import LOGICAL_RULES
     from qtarget_jax.targets import spec_from_dict
@@ -108,23 +93,30 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
         for line in loaded.overridden:
             log.info("config override %s", line)
     spec = spec_from_dict(dict(cfg.loss.target))
-    model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed)
-    teacher = build.build_teacher(cfg.model, model, cfg.run.seed) if spec.needs_teacher else None
-
     mesh = mesh_lib.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                                "tensor": cfg.mesh.tensor})
+    # Student and teacher are created directly in their shardings (no whole host copy).
+    model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed, mesh=mesh)
+    teacher, teacher_graphdef = None, None
+    if spec.needs_teacher:
+        teacher, teacher_cfg = build.build_teacher(cfg.model, cfg.run.seed, tokenizer, mesh=mesh)
+        if teacher_cfg is not None:
+            log.info("teacher %s: %d layers, hidden %d, %s params", cfg.model.teacher,
+                     teacher_cfg.num_layers, teacher_cfg.hidden_size, teacher_cfg.param_dtype)
     tx, schedule = make_optimizer(cfg.optim, cfg.schedule, cfg.run.steps)
-    built = init_state(model, tx, mesh, dict(LOGICAL_RULES), cfg.run.seed, teacher=teacher)
-    del model, teacher
+    built = init_state(model, tx, mesh, LOGICAL_RULES, cfg.run.seed, teacher=teacher,
+                       teacher_dtype=build.teacher_param_dtype(cfg.model), consume=True)
+    del model, teacher  # their buffers now belong to the state
     state = built.state
     bsh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     loss_fn = make_loss_fn(spec, cfg.loss.normalization, fused=cfg.loss.fused, mesh=mesh,
-                           normalizer=cfg.loss.normalizer or None)
-    dtype = jnp.dtype(cfg.model.compute_dtype)
-    step_fn = jit_train_step(built.shardings, bsh, rep, graphdef=built.graphdef,
-                             loss_fn=loss_fn, tx=tx, schedule=schedule,
-                             microbatches=cfg.data.microbatches, compute_dtype=dtype)
-    eval_step = make_eval_step(built.graphdef, loss_fn, dtype, built.shardings, bsh, rep)
+                           normalizer=cfg.loss.normalizer or None, rules=LOGICAL_RULES,
+                           real_vocab=len(tokenizer))
+    graphs = {"graphdef": built.graphdef, "teacher_graphdef": built.teacher_graphdef,
+              "loss_fn": loss_fn}
+    step_fn = jit_train_step(built.shardings, bsh, rep, tx=tx, schedule=schedule,
+                             microbatches=cfg.data.microbatches, **graphs)
+    eval_step = make_eval_step(built.shardings, bsh, rep, **graphs)
 
     # Fail at start-up, not after an hour: the checkpoint dir must be writable with room.
     ckpt_dir = cfg.checkpoint.dir or str(run_dir / "checkpoints")

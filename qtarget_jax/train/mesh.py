@@ -1,8 +1,10 @@
 """Device mesh ("data", "fsdp", "tensor") and the shardings of parameters and batches.
 
-Parameters carry logical axis names (nnx `out_sharding` metadata such as ("embed", "mlp")); a
-rules table maps each logical name to a mesh axis (or None = replicated). Batches [B, T] are
-sharded over ("data", "fsdp") on B and replicated over "tensor".
+Parameters carry logical axis names (nnx `out_sharding` metadata such as ("embed", "mlp")); the
+one rules table, models/sharding.py LOGICAL_RULES, maps each logical name to mesh axes and
+`models.sharding.param_shardings` turns them into NamedShardings (strict: a param without names
+or a dim that does not divide is an error). Batches [B, T] follow the same table: B by "batch"
+(("data", "fsdp")), T by "seq" (replicated).
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qtarget_jax.models.sharding import LOGICAL_RULES, logical_to_spec
+
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -56,50 +58,9 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
                          devices=devices)
 
 
-def logical_to_mesh_spec(logical: Sequence[Optional[str]], rules: Mapping[str, Any],
-                         shape: Sequence[int], mesh: Mesh, where: str = "") -> P:
-    """Maps logical axis names to a PartitionSpec; an axis that does not divide is an error.
-
-    Mesh axes of size 1 are dropped (replicated), so the same rules serve every mesh.
-    """
-    out = []
-    used: set = set()
-    for dim, name in zip(shape, logical):
-        axis = None if name is None else rules.get(name, KeyError)
-        if axis is KeyError:
-            raise ValueError(f"{where}: logical axis {name!r} has no rule; rules: {dict(rules)}")
-        axes = tuple(a for a in ((axis,) if isinstance(axis, str) else (axis or ()))
-                     if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if dim % size:
-            raise ValueError(f"{where}: dim {dim} (logical {name!r}) is not divisible by mesh "
-                             f"axes {axes} of size {size}")
-        used.update(axes)
-        out.append(axes[0] if len(axes) == 1 else (axes or None))
-    return P(*out)
-
-
-def param_shardings(abstract_params: nnx.State, rules: Mapping[str, Any], mesh: Mesh):
-    """NamedShardings (a pure dict mirroring the params) from each Param's logical names.
-
-    Args:
-      abstract_params: nnx.State of Params (abstract or concrete); a Param without
-        `out_sharding` metadata is replicated.
-    """
-    flat = {}
-    for path, var in abstract_params.flat_state():
-        logical = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        where = "/".join(str(p) for p in path)
-        if len(logical) != len(var.shape):
-            raise ValueError(f"{where}: logical axes {logical} do not match shape {var.shape}")
-        flat[path] = NamedSharding(mesh, logical_to_mesh_spec(logical, rules, var.shape, mesh,
-                                                              where))
-    return nnx.State.from_flat_path(flat).to_pure_dict()
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[B, T] arrays: B over ("data", "fsdp"), T replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
+    """[B, T] arrays: B by the "batch" rule (("data", "fsdp")), T by the "seq" rule."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -111,14 +72,3 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
-
-
-def put_global(tree: Any, shardings: Any) -> Any:
-    """Host values (identical on every process) -> global arrays placed per `shardings`.
-
-    Works across processes: each process fills only its addressable shards.
-    """
-    def put(x, sharding):
-        host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.tree.map(put, tree, shardings)

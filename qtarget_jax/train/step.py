@@ -9,7 +9,7 @@ so an accumulated step equals one step on the big batch. Q is constant (the loss
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,48 +23,125 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 DIAGNOSTICS = ("gamma", "p_y", "accuracy", "entropy", "kl_q_p")
 
 
-def logits_loss(spec, normalization: str, normalizer: float | None = None) -> LossFn:
-    """The Q-target loss on full logits [B, T, V]; teacher logits from the frozen teacher."""
+# Teacher logits of vocabulary padding rows (ids no tokenizer produces) are pushed to this value,
+# so the teacher puts no probability on them.
+PAD_LOGIT = -1e9
+
+
+def _fit_columns(x: jax.Array, vocab: int, real_vocab: Optional[int]) -> jax.Array:
+    """Last dim cut to `vocab`, or zero-padded to it when shorter (those ids must be padding:
+    at or past `real_vocab`, masked by the caller)."""
+    if x.shape[-1] >= vocab:
+        return x[..., :vocab]
+    if real_vocab is None or real_vocab > x.shape[-1]:
+        raise ValueError(f"teacher head has {x.shape[-1]} rows, the student's {vocab}: the "
+                         f"missing rows must be padding (real_vocab={real_vocab})")
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, vocab - x.shape[-1])])
+
+
+def teacher_logits_for(t_logits: jax.Array, vocab: int, real_vocab: Optional[int]) -> jax.Array:
+    """Teacher logits [..., V_T] -> [..., V] aligned with the student's V head rows.
+
+    Rows past V are padding (checked at start-up: the tokenizer has at most V tokens) and are
+    dropped (a shorter teacher head is padded); ids in [real_vocab, V) are padding of the
+    student's head, masked to PAD_LOGIT.
+    """
+    t_logits = _fit_columns(t_logits, vocab, real_vocab)
+    if real_vocab is None or real_vocab >= vocab:
+        return t_logits
+    ids = jnp.arange(vocab)
+    return jnp.where(ids < real_vocab, t_logits, jnp.asarray(PAD_LOGIT, t_logits.dtype))
+
+
+def teacher_head_for(t_hidden: jax.Array, t_head: jax.Array, vocab: int,
+                     real_vocab: Optional[int]) -> tuple[jax.Array, jax.Array]:
+    """(teacher hidden [..., D_T], head [D_T, V_T]) -> inputs of the fused loss whose logits
+    equal `teacher_logits_for(hidden @ head)`: columns past V are dropped; padding ids in
+    [real_vocab, V) are masked by one extra constant feature (hidden [..., D_T + 1], head row
+    0 for real ids and PAD_LOGIT for padding), so the mask costs one more row, not [.., V]."""
+    t_head = _fit_columns(t_head, vocab, real_vocab)
+    if real_vocab is None or real_vocab >= vocab:
+        return t_hidden, t_head
+    ones = jnp.ones(t_hidden.shape[:-1] + (1,), t_hidden.dtype)
+    bias = jnp.where(jnp.arange(vocab) < real_vocab, 0.0, PAD_LOGIT).astype(t_head.dtype)
+    return (jnp.concatenate([t_hidden, ones], -1),
+            jnp.concatenate([t_head, bias[None, :]], 0))
+
+
+def logits_loss(spec, normalization: str, normalizer: float | None = None,
+                real_vocab: Optional[int] = None) -> LossFn:
+    """The Q-target loss on full logits [B, T, V]; teacher logits from the frozen teacher
+    (any architecture with V_T >= V head rows, see `teacher_logits_for`)."""
     from qtarget_jax.targets import qtarget_loss_sums
 
     def loss_fn(model, batch, teacher):
         def forward(m):
             return m(batch["tokens"], batch["positions"], batch["segment_ids"])
-        teacher_logits = None if teacher is None else jax.lax.stop_gradient(forward(teacher))
-        return qtarget_loss_sums(forward(model), batch["labels"], batch["loss_mask"], spec,
+        logits = forward(model)
+        teacher_logits = None if teacher is None else jax.lax.stop_gradient(
+            teacher_logits_for(forward(teacher), logits.shape[-1], real_vocab))
+        return qtarget_loss_sums(logits, batch["labels"], batch["loss_mask"], spec,
                                  teacher_logits=teacher_logits, weights=batch.get("weights"),
                                  normalization=normalization, normalizer=normalizer)
     return loss_fn
 
 
 def hidden_loss(spec, normalization: str, normalizer: float | None = None,
-                sharding=None) -> LossFn:
+                sharding=None, real_vocab: Optional[int] = None) -> LossFn:
     """The fused Q-target loss from final hidden states [B, T, D] and the head [D, V]: logits
-    exist only chunk by chunk; the teacher's chunks come from its own hidden states and head."""
+    exist only chunk by chunk; the teacher's chunks come from its own hidden states
+    [B, T, D_T] and head [D_T, V_T] (another width is fine), computed in this step."""
     from qtarget_jax.targets import fused_qtarget_loss_sums
 
     def loss_fn(model, batch, teacher):
         def hidden(m):
             return m(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
         h = hidden(model)
-        kw = {} if teacher is None else {
-            "teacher_hidden": jax.lax.stop_gradient(hidden(teacher)),
-            "teacher_lm_head": jax.lax.stop_gradient(teacher.lm_head_kernel().astype(h.dtype))}
-        return fused_qtarget_loss_sums(h, model.lm_head_kernel().astype(h.dtype), batch["labels"],
-                                       batch["loss_mask"], spec, weights=batch.get("weights"),
+        head = model.lm_head_kernel().astype(h.dtype)
+        kw = {}
+        if teacher is not None:
+            t_h = jax.lax.stop_gradient(hidden(teacher))
+            t_head = jax.lax.stop_gradient(teacher.lm_head_kernel().astype(t_h.dtype))
+            t_h, t_head = teacher_head_for(t_h, t_head, head.shape[-1], real_vocab)
+            kw = {"teacher_hidden": t_h, "teacher_lm_head": t_head}
+        return fused_qtarget_loss_sums(h, head, batch["labels"], batch["loss_mask"], spec,
+                                       weights=batch.get("weights"),
                                        normalization=normalization, normalizer=normalizer,
                                        sharding=sharding, **kw)
     return loss_fn
 
 
-def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
-                 normalizer: float | None = None) -> LossFn:
-    """The step's loss, chosen once: fused over hidden states (default) or on full logits."""
-    if not fused:
-        return logits_loss(spec, normalization, normalizer)
+def chunk_sharding(mesh, rules=None):
+    """The fused loss's ChunkSharding from the one rules table: token rows over the "batch"
+    rule's mesh axes, the vocabulary over the "vocab" rule's axis."""
+    from qtarget_jax.models.sharding import LOGICAL_RULES
     from qtarget_jax.targets import ChunkSharding
+    table = dict(LOGICAL_RULES if rules is None else rules)
+    batch = table["batch"]
+    token_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    vocab = table.get("vocab")
+    if isinstance(vocab, (tuple, list)):
+        if len(vocab) != 1:
+            raise ValueError(f"rules: the fused loss shards the vocabulary over one mesh axis, "
+                             f"got 'vocab' -> {vocab!r}")
+        vocab = vocab[0]
+    return ChunkSharding(mesh, token_axes=token_axes, vocab_axis=vocab)
+
+
+def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
+                 normalizer: float | None = None, rules=None,
+                 real_vocab: Optional[int] = None) -> LossFn:
+    """The step's loss, chosen once: fused over hidden states (default) or on full logits.
+
+    Args:
+      rules: the logical-axis rules table (default LOGICAL_RULES) giving the fused loss's layout.
+      real_vocab: the tokenizer's size when the head has padding rows past it (masked in the
+        teacher's distribution); None: every head row is a real token.
+    """
+    if not fused:
+        return logits_loss(spec, normalization, normalizer, real_vocab)
     return hidden_loss(spec, normalization, normalizer,
-                       None if mesh is None else ChunkSharding(mesh))
+                       None if mesh is None else chunk_sharding(mesh, rules), real_vocab)
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -82,16 +159,42 @@ def _cast(tree, dtype):
                         tree)
 
 
+def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=None,
+                 compute_dtype: Any = None):
+    """(student, teacher or None) Modules from `params` and the frozen state.
+
+    The teacher's params pass through stop_gradient: it never receives a gradient. Casting:
+    the Decoder casts each weight to its compute dtype where it is used (ModelConfig.dtype), so
+    `compute_dtype` is None for it; a model that does not cast itself may ask for one cast of
+    all params here instead.
+    """
+    if compute_dtype is not None:
+        params = _cast(params, compute_dtype)
+    model = nnx.merge(graphdef, params, state.rest)
+    if state.teacher is None:
+        return model, None
+    t_params = jax.lax.stop_gradient(state.teacher)
+    if compute_dtype is not None:
+        t_params = _cast(t_params, compute_dtype)
+    teacher = nnx.merge(teacher_graphdef if teacher_graphdef is not None else graphdef,
+                        t_params, state.teacher_rest)
+    return model, teacher
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
                tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
-               compute_dtype: Any, param_shardings: Any = None) -> tuple[TrainState, dict]:
-    """One optimizer step over a global batch of [B, T] arrays (see module docstring)."""
+               teacher_graphdef: Any = None, compute_dtype: Any = None,
+               param_shardings: Any = None) -> tuple[TrainState, dict]:
+    """One optimizer step over a global batch of [B, T] arrays (see module docstring).
+
+    Only `state.params` are differentiated; the teacher's params are read, never updated.
+    """
     def micro_loss(params, mb):
         # Modules are merged inside the differentiated function: nnx refuses graph nodes
-        # created at another trace level (the teacher is frozen: it gets no gradient).
-        model = nnx.merge(graphdef, _cast(params, compute_dtype), state.rest)
-        teacher = (None if state.teacher is None else
-                   nnx.merge(graphdef, _cast(state.teacher, compute_dtype), state.rest))
+        # created at another trace level.
+        model, teacher = merge_models(state, params, graphdef=graphdef,
+                                      teacher_graphdef=teacher_graphdef,
+                                      compute_dtype=compute_dtype)
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
@@ -128,7 +231,31 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
 
 
 def jit_train_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs):
-    """jax.jit of `train_step` with explicit in/out shardings and the state donated."""
+    """jax.jit of `train_step` with explicit in/out shardings and the state donated.
+
+    kwargs: those of `train_step` (graphdef, teacher_graphdef, loss_fn, tx, schedule,
+    microbatches, compute_dtype).
+    """
     step = functools.partial(train_step, param_shardings=shardings.params, **kwargs)
     return jax.jit(step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, rep_sharding), donate_argnums=(0,))
+
+
+def eval_sums(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
+              teacher_graphdef: Any = None, compute_dtype: Any = None) -> dict:
+    """Summed loss and diagnostics over a [B, T] batch, no gradients: {"loss_sum" f32[],
+    "denominator" f32[], "tokens" f32[], <diagnostic> f32[]}."""
+    model, teacher = merge_models(state, state.params, graphdef=graphdef,
+                                  teacher_graphdef=teacher_graphdef,
+                                  compute_dtype=compute_dtype)
+    loss_sum, denom, sums = loss_fn(model, batch, teacher)
+    return {"loss_sum": loss_sum, "denominator": denom, **sums}
+
+
+def make_eval_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs):
+    """jax.jit of `eval_sums` with the train step's shardings (the state is not donated).
+
+    kwargs: graphdef, teacher_graphdef, loss_fn, compute_dtype (as `train_step`).
+    """
+    return jax.jit(functools.partial(eval_sums, **kwargs),
+                   in_shardings=(shardings, batch_sharding), out_shardings=rep_sharding)

@@ -12,6 +12,9 @@ import sys
 STEPS, BATCH, SEQ = 3, 8, 16
 MODEL = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
+# The teacher is independent of the student: twice as wide, one layer deeper, same vocabulary.
+TEACHER = dict(MODEL, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=8,
+               num_kv_heads=4)
 TARGET = {"preset": "kl_anchor", "kl_weight": 0.5}  # needs the teacher
 
 
@@ -49,11 +52,12 @@ def run_losses(mesh_sizes, devices=None, microbatches=1, fused=False, **model_ch
     assert spec.needs_teacher
     built = init_state(Decoder(ModelConfig(**MODEL, **model_changes), rngs=nnx.Rngs(0)), tx, mesh,
                        dict(LOGICAL_RULES), seed=0,
-                       teacher=Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(1)))
+                       teacher=Decoder(ModelConfig(**TEACHER), rngs=nnx.Rngs(1)))
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh),
                           mesh_lib.replicated(mesh), graphdef=built.graphdef,
                           loss_fn=make_loss_fn(spec, "token", fused=fused, mesh=mesh), tx=tx,
-                          schedule=sched, microbatches=microbatches, compute_dtype="float32")
+                          schedule=sched, microbatches=microbatches,
+                          teacher_graphdef=built.teacher_graphdef)
     state, losses = built.state, []
     p, n = jax.process_index(), jax.process_count()
     for batch in global_batches():

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qtarget_jax.config import OptimSection, ScheduleSection
+from qtarget_jax.models.sharding import LOGICAL_RULES, logical_to_spec, spec_for
 from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import decay_mask, make_optimizer, make_schedule
 
@@ -69,22 +70,24 @@ def test_mesh_shape_errors(sizes, message):
     assert message in str(err.value)
 
 
-def test_logical_rules_drop_size_one_axes_and_refuse_bad_divisions():
+def test_one_rules_table_for_params_and_batches():
+    """Params and batches are laid out by the same table (models/sharding.py), strictly."""
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": -1})
-    rules = {"vocab": "tensor", "embed": "fsdp", "batch": ("data", "fsdp")}
-    assert mesh_lib.logical_to_mesh_spec(("vocab", "embed"), rules, (6, 8), mesh) == P(None,
-                                                                                         "fsdp")
-    assert mesh_lib.logical_to_mesh_spec(("batch", None), rules, (8, 3), mesh) == P(
-        ("data", "fsdp"), None)
-    with pytest.raises(ValueError, match="dim 6 .*'embed'.* not divisible"):
-        mesh_lib.logical_to_mesh_spec(("embed",), rules, (6,), mesh, "w")
+    rules = {"vocab": "tensor", "embed": "fsdp", "batch": ("data", "fsdp"), "seq": None}
+    assert spec_for("w", (6, 8), ("vocab", "embed"), mesh, rules) == P("tensor", "fsdp")
+    assert mesh_lib.batch_sharding(mesh, rules).spec == P(("data", "fsdp"), None)
+    assert mesh_lib.batch_sharding(mesh).spec == logical_to_spec(("batch", "seq"), LOGICAL_RULES)
+    with pytest.raises(ValueError, match="param w: dim 'embed' of size 6 does not divide"):
+        spec_for("w", (6,), ("embed",), mesh, rules)
     with pytest.raises(ValueError, match="'mlp' has no rule"):
-        mesh_lib.logical_to_mesh_spec(("mlp",), rules, (8,), mesh, "w")
+        spec_for("w", (8,), ("mlp",), mesh, rules)
+    with pytest.raises(ValueError, match="param w .* has no logical axis names"):
+        spec_for("w", (8,), None, mesh, rules)
 
 
 def test_global_batch_is_sharded_over_data_and_fsdp():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     batch = mesh_lib.global_batch({"tokens": np.arange(8 * 3).reshape(8, 3)}, mesh)
-    assert batch["tokens"].sharding.spec == P(("data", "fsdp"))
+    assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
     assert batch["tokens"].addressable_shards[0].data.shape == (2, 3)
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), np.arange(24).reshape(8, 3))
