@@ -67,6 +67,7 @@ class ChunkPlan:
     chunk: int
     sharding: Optional[ChunkSharding] = None
     grad_dtypes: tuple[str, str] = ("float32", "float32")  # dtypes of (h, lm_head)
+    compute: Optional[str] = None  # matmul input dtype; None = promote(h, lm_head)
 
 
 def chunk_rows(x: jax.Array, n_chunks: int, chunk: int) -> jax.Array:
@@ -93,7 +94,8 @@ def _teacher_chunk(teacher, t_c, dtype):
 def _loop(plan: ChunkPlan, with_grads: bool, h, lm_head, w, labels, valid, weights, teacher):
     """The chunk scan. Returns (loss_sum, metric_sums, dh [n, C, D] f32 | None, dW | None)."""
     dtype = jnp.promote_types(jnp.promote_types(h.dtype, lm_head.dtype), jnp.float32)
-    compute = jnp.promote_types(h.dtype, lm_head.dtype)  # matmul input dtype (bf16 stays bf16)
+    compute = (jnp.dtype(plan.compute) if plan.compute  # matmul input dtype (bf16 stays bf16)
+               else jnp.promote_types(h.dtype, lm_head.dtype))
     sh = plan.sharding
     tok = sh.token_axes if sh else None
     voc = sh.vocab_axis if sh else None
