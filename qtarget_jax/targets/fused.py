@@ -38,7 +38,7 @@ DEFAULT_CHUNK_ELEMENTS = 2 ** 24
 
 # Vocabulary-blocked path: columns per tile, and elements of one [Nb, Vb] tile (2**22 floats =
 # 16 MiB in float32; pass 2 keeps about four such buffers alive).
-DEFAULT_VOCAB_BLOCK = 4096
+DEFAULT_VOCAB_BLOCK = 2048
 DEFAULT_TILE_ELEMENTS = 2 ** 22
 
 
