@@ -318,9 +318,11 @@ def _vocab_blocks(spec, hidden, lm_head, labels, valid, w, weights, teacher_hidd
         nb = min(int(chunk_size), n_local)
     if vocab_block_size:
         vb = min(int(vocab_block_size), v_local)
+    platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
     plan = BlockPlan(rows=row_stats.RowPlan(spec, vocab), token_block=nb, vocab_block=vb,
                      compute=compute.name, stats=jnp.dtype(dtype).name, mesh=mesh,
-                     token_axes=token_axes, vocab_axis=vocab_axis, vocab_pad=vocab_pad)
+                     token_axes=token_axes, vocab_axis=vocab_axis, vocab_pad=vocab_pad,
+                     slice_bits=platform == "cpu")
     head = cols(lm_head)
     loss_sum, sums = blocked_loss_sums(
         plan, rows(hidden), head, rows(labels, IGNORE_INDEX), rows(valid, False), rows(w),

@@ -56,6 +56,7 @@ class BlockPlan:
       stats: dtype name of the row math ("float32", or "float64" for float64 inputs).
       mesh, token_axes, vocab_axis: the sharding, or mesh None.
       vocab_pad: zero columns appended to W so that V divides over the vocab axis.
+      slice_bits: slice 16-bit floats as uint16 (XLA CPU; see `_slice`).
     """
     rows: RowPlan
     token_block: int
@@ -66,30 +67,32 @@ class BlockPlan:
     token_axes: tuple[str, ...] = ()
     vocab_axis: Optional[str] = None
     vocab_pad: int = 0
+    slice_bits: bool = False
 
 
-def _as_bits(x):
-    """16-bit floats as uint16 (a free bitcast), other arrays unchanged."""
-    if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+def _as_bits(x, on):
+    """16-bit floats as uint16 (a bitcast) when `on`, other arrays unchanged."""
+    if on and jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
         return jax.lax.bitcast_convert_type(x, jnp.uint16)
     return x
 
 
-def _slice(x, start, size, axis):
+def _slice(plan, x, start, size, axis):
     """x[start:start + size] along `axis`.
 
-    16-bit floats are sliced as uint16 bits: XLA's CPU backend upcasts a bfloat16
-    dynamic-slice to float32 and hoists that conversion of the whole of x (a [D, V] float32
-    copy of the head) out of the loop. Moving bits is exact and free on every backend.
+    With plan.slice_bits (the CPU backend), 16-bit floats are sliced as uint16 bits: XLA's CPU
+    backend upcasts a bfloat16 dynamic-slice to float32 and hoists that conversion of the whole
+    of x (a [D, V] float32 copy of the head) out of the loop; the bitcast costs one 16-bit copy.
     """
-    part = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis)
+    part = jax.lax.dynamic_slice_in_dim(_as_bits(x, plan.slice_bits), start, size, axis)
     return jax.lax.bitcast_convert_type(part, x.dtype) if part.dtype != x.dtype else part
 
 
-def _write(x, part, start, axis):
-    """x with `part` written at `start` along `axis` (16-bit floats moved as bits, see _slice)."""
-    out = jax.lax.dynamic_update_slice_in_dim(_as_bits(x), _as_bits(part.astype(x.dtype)),
-                                              start, axis)
+def _write(plan, x, part, start, axis):
+    """x with `part` written at `start` along `axis` (16-bit floats as bits, see _slice)."""
+    bits = plan.slice_bits
+    out = jax.lax.dynamic_update_slice_in_dim(_as_bits(x, bits), _as_bits(part.astype(x.dtype),
+                                              bits), start, axis)
     return jax.lax.bitcast_convert_type(out, x.dtype) if out.dtype != x.dtype else out
 
 
@@ -108,12 +111,15 @@ def _teacher_tile(plan, teacher, r0, c0, nb, vb, tau):
         return None
     dtype = jnp.dtype(plan.stats)
     if "lm_head" in teacher:
-        th = _slice(teacher["hidden"], r0, nb, 0)
-        tw = _slice(teacher["lm_head"], c0, vb, 1)
+        th = _slice(plan, teacher["hidden"], r0, nb, 0)
+        tw = _slice(plan, teacher["lm_head"], c0, vb, 1)
         dt = jnp.promote_types(th.dtype, tw.dtype)
         t = jnp.dot(th.astype(dt), tw.astype(dt), preferred_element_type=dtype)
     else:
-        t = _slice(_slice(teacher["logits"], r0, nb, 0), c0, vb, 1).astype(dtype)
+        logits = teacher["logits"]
+        t = jax.lax.dynamic_slice(_as_bits(logits, plan.slice_bits), (r0, c0), (nb, vb))
+        t = jax.lax.bitcast_convert_type(t, logits.dtype) if t.dtype != logits.dtype else t
+        t = t.astype(dtype)
     return jax.lax.stop_gradient(t) / tau
 
 
@@ -144,12 +150,12 @@ def _pass1(plan: BlockPlan, h, lm_head, teacher, labels, valid, weights):
 
     def token_block(i, full):
         r0 = _block_start(i, nb, n)
-        h_i = _slice(h, r0, nb, 0).astype(compute)
+        h_i = _slice(plan, h, r0, nb, 0).astype(compute)
         index_i = jax.lax.dynamic_slice_in_dim(index, r0, nb, 0)
 
         def vocab_block(j, st):
             c0, cols, colmask = _column_ids(plan, j, v_local)
-            w_j = _slice(lm_head, c0, vb, 1).astype(compute)
+            w_j = _slice(plan, lm_head, c0, vb, 1).astype(compute)
             z = jnp.dot(h_i, w_j, preferred_element_type=dtype)
             t = _teacher_tile(plan, teacher, r0, c0, nb, vb, tau)
             return update_stats(plan.rows, st, z, t, cols, colmask, index_i)
@@ -178,12 +184,12 @@ def _pass2(plan: BlockPlan, saved, scale, h, lm_head, teacher, labels, valid):
     def vocab_block(j, carry):
         dh, dw = carry
         c0, cols, colmask = _column_ids(plan, j, v_local)
-        w_j = _slice(lm_head, c0, vb, 1).astype(compute)
+        w_j = _slice(plan, lm_head, c0, vb, 1).astype(compute)
 
         def token_block(i, inner):
             dh, dw_j = inner
             r0 = _block_start(i, nb, n)
-            h_i = _slice(h, r0, nb, 0).astype(compute)
+            h_i = _slice(plan, h, r0, nb, 0).astype(compute)
             r = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, r0, nb, 0), rows)
             fresh = r0 + jnp.arange(nb) >= i * nb  # rows no earlier token block covered
             z = jnp.dot(h_i, w_j, preferred_element_type=dtype)
@@ -206,7 +212,7 @@ def _pass2(plan: BlockPlan, saved, scale, h, lm_head, teacher, labels, valid):
 
         dh, dw_j = jax.lax.fori_loop(0, _tiles(n, nb), token_block,
                                      (dh, jnp.zeros((h.shape[1], vb), dtype)))
-        return dh, _write(dw, dw_j, c0, 1)
+        return dh, _write(plan, dw, dw_j, c0, 1)
 
     carry = (jnp.zeros(h.shape, dtype), jnp.zeros(lm_head.shape, lm_head.dtype))
     dh, dw = jax.lax.fori_loop(0, _tiles(v_local, vb), vocab_block, carry)
