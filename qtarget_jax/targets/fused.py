@@ -3,15 +3,20 @@
     fused_qtarget_loss_sums(h, W, labels, mask, spec, ...) == qtarget_loss_sums(h @ W, labels,
                                                                                 mask, spec, ...)
 
-in value and in the gradients with respect to h and W, for every target (presets and registered
-rules alike), while at most a few [C, V] logits chunks exist at any time (C = `chunk_size`
-tokens). The chunk loop lives in `fused_chunks`; this module checks inputs, turns the
-normalisation into per-token loss weights, and lays the tokens out in chunks.
+in value and in the gradients with respect to h and W, for every target. Two paths:
 
-Each chunk holds full vocabulary rows, so per-row operations that need the whole row (the
-logsumexp, a top-k residual, a user rule) are exact. With the head sharded over the vocabulary
-(vocab-parallel, `ChunkSharding(mesh, vocab_axis="tensor")`), the chunk logits are sharded over
-V and XLA's SPMD partitioner turns the row reductions into cross-device reductions.
+- "vocab_blocks" (`fused_blocks`, the default for every preset): [Nb, Vb] tiles of the logits,
+  a forward pass that keeps per-row statistics only and a backward pass that forms the logits'
+  gradient in closed form and writes each [D, Vb] block of dW once. Needs the target as row
+  statistics (`row_stats`): built-in residuals, and gamma rules registered with
+  `row_stats=True`.
+- "token_chunks" (`fused_chunks`): [C, V] chunks of whole vocabulary rows through
+  `per_token_qtarget`, so any user-registered rule is exact; it carries a float32 [D, V] dW
+  accumulator. Taken when `path="token_chunks"` is passed, or, with a warning, when `path` is
+  None and the target has a rule without row statistics (`fused_path(spec)` tells which).
+
+This module checks inputs, turns the normalisation into per-token loss weights, and lays the
+tokens out for the chosen path.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The chunk loop of the fused Q-target loss: weighted loss sums from hidden states and a head.
+"""The token-chunk path of the fused Q-target loss (`path="token_chunks"`): any target, rows whole.
+
+The default path for targets expressible as row statistics is `fused_blocks` (no [D, V]
+accumulator); this one serves targets with user-registered rules that read whole rows.
 
 Tokens are split into chunks of C rows. For each chunk the logits z = h_c @ W [C, V] are
 computed (float32 accumulation), `per_token_qtarget` gives the per-token loss and diagnostics of

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from qtarget_jax.targets import (
-    PRESETS, TargetSpec, fused_qtarget_loss, get_preset, qtarget_loss, register_gamma_rule,
-    register_residual_rule)
-from qtarget_jax.targets.fused import fused_path
+    PRESETS, TargetSpec, fused_path, fused_qtarget_loss, get_preset, qtarget_loss,
+    register_gamma_rule, register_residual_rule)
 
 N, D, V, DT, NB, VB = 37, 16, 101, 12, 8, 16
 RTOL = 1e-5
