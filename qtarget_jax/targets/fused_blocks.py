@@ -12,7 +12,8 @@ float32 dh and h_i^T dz to a float32 [D, Vb] block of dW, which is cast to the g
 and written into dW once. No [N, V] array and no second [D, V] buffer exist at any time.
 
 Blocks need no padding: the last block of each axis starts at N - Nb (V - Vb) and masks the
-rows (columns) an earlier block already covered, so h and W are never copied whole.
+rows (columns) an earlier block already covered, so h and W are never copied whole. (The last
+vocabulary block rewrites the dW columns it shares with the block before, with equal values.)
 
 Matmuls: 1 (forward) + 3 (backward) [N, D] x [D, V]-sized products, plus the same for a
 teacher given as hidden states + head (its logits are recomputed in the backward).
