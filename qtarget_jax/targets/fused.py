@@ -3,26 +3,33 @@
     fused_qtarget_loss_sums(h, W, labels, mask, spec, ...) == qtarget_loss_sums(h @ W, labels,
                                                                                 mask, spec, ...)
 
-in value and in the gradients with respect to h and W, for every target (presets and registered
-rules alike), while at most a few [C, V] logits chunks exist at any time (C = `chunk_size`
-tokens). The chunk loop lives in `fused_chunks`; this module checks inputs, turns the
-normalisation into per-token loss weights, and lays the tokens out in chunks.
+in value and in the gradients with respect to h and W, for every target. Two paths:
 
-Each chunk holds full vocabulary rows, so per-row operations that need the whole row (the
-logsumexp, a top-k residual, a user rule) are exact. With the head sharded over the vocabulary
-(vocab-parallel, `ChunkSharding(mesh, vocab_axis="tensor")`), the chunk logits are sharded over
-V and XLA's SPMD partitioner turns the row reductions into cross-device reductions.
+- "vocab_blocks" (`fused_blocks`, the default for every preset): [Nb, Vb] tiles of the logits,
+  a forward pass that keeps per-row statistics only and a backward pass that forms the logits'
+  gradient in closed form and writes each [D, Vb] block of dW once. Needs the target as row
+  statistics (`row_stats`): built-in residuals, and gamma rules registered with
+  `row_stats=True`.
+- "token_chunks" (`fused_chunks`): [C, V] chunks of whole vocabulary rows through
+  `per_token_qtarget`, so any user-registered rule is exact; it carries a float32 [D, V] dW
+  accumulator. Taken when `path="token_chunks"` is passed, or, with a warning, when `path` is
+  None and the target has a rule without row statistics (`fused_path(spec)` tells which).
+
+This module checks inputs, turns the normalisation into per-token loss weights, and lays the
+tokens out for the chosen path.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from qtarget_jax.targets import checks
+from qtarget_jax.targets import checks, row_stats
+from qtarget_jax.targets.fused_blocks import BlockPlan, blocked_loss_sums
 from qtarget_jax.targets.fused_chunks import (
     ChunkPlan, ChunkSharding, chunk_rows, weighted_loss_sums)
 from qtarget_jax.targets.losses import (
@@ -33,6 +40,11 @@ from qtarget_jax.targets.spec import TargetSpec
 # A chunk's loss and gradient keep about three such float32 buffers alive (measured with
 # memory_analysis, docs/performance.md); larger chunks amortise the per-chunk dW update.
 DEFAULT_CHUNK_ELEMENTS = 2 ** 24
+
+# Vocabulary-blocked path: columns per tile, and elements of one [Nb, Vb] tile (2**22 floats =
+# 16 MiB in float32; pass 2 keeps about four such buffers alive).
+DEFAULT_VOCAB_BLOCK = 2048
+DEFAULT_TILE_ELEMENTS = 2 ** 22
 
 
 def default_chunk_size(n_tokens: int, vocab: int, multiple: int = 8) -> int:
@@ -118,6 +130,49 @@ def _token_weights(valid, normalization, normalizer, segment_ids, dtype):
     return w_seq.reshape(w.shape), jnp.sum((counts > 0).astype(dtype))
 
 
+PATHS = ("vocab_blocks", "token_chunks")
+
+
+def fused_path(spec: Union[TargetSpec, str]) -> str:
+    """The path `fused_qtarget_loss_sums` takes for `spec` when `path` is not given.
+
+    "vocab_blocks" when the target is expressible as per-row statistics (every preset, and any
+    spec whose gamma rule was registered with `row_stats=True` and whose residual is a built-in
+    one); "token_chunks" otherwise (a user-registered residual rule needs whole [C, V] rows).
+    """
+    return "token_chunks" if row_stats.unsupported_reason(as_spec(spec)) else "vocab_blocks"
+
+
+def default_blocks(n_tokens: int, vocab: int, multiple: int = 8) -> tuple[int, int]:
+    """(Nb, Vb): tokens and vocabulary columns per tile of the vocabulary-blocked path.
+
+    Vb = min(V, DEFAULT_VOCAB_BLOCK); Nb = min(N, DEFAULT_TILE_ELEMENTS // Vb) rounded to
+    `multiple`. A tile's float32 buffers (logits, probabilities, gradient) stay near 16 MiB.
+    """
+    vb = min(vocab, DEFAULT_VOCAB_BLOCK)
+    nb = max(multiple, DEFAULT_TILE_ELEMENTS // vb // multiple * multiple)
+    return min(n_tokens, nb), vb
+
+
+def _resolve_path(spec, path):
+    reason = row_stats.unsupported_reason(spec)
+    if path is None:
+        if reason:
+            warnings.warn(
+                f"fused loss for target {spec.name!r}: {reason}, so it takes the token-chunk "
+                "path (whole [C, V] rows, a float32 [D, V] gradient accumulator; "
+                "docs/performance.md). Pass path='token_chunks' to choose it explicitly.",
+                stacklevel=3)
+            return "token_chunks"
+        return "vocab_blocks"
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}; choose one of {PATHS} (or None: `fused_path(spec)`)")
+    if path == "vocab_blocks" and reason:
+        raise ValueError(f"path='vocab_blocks' cannot evaluate target {spec.name!r}: {reason}; "
+                         "use path='token_chunks'")
+    return path
+
+
 def fused_qtarget_loss_sums(
     hidden: jax.Array,
     lm_head: jax.Array,
@@ -134,25 +189,37 @@ def fused_qtarget_loss_sums(
     normalizer: Optional[float] = None,
     chunk_size: Optional[int] = None,
     sharding: Optional[ChunkSharding] = None,
+    vocab_block_size: Optional[int] = None,
+    compute_dtype=None,
+    path: Optional[str] = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """`qtarget_loss_sums(hidden @ lm_head, ...)` without materialising the logits.
 
     Args:
       hidden: [N, D] or [B, T, D] (any leading dims equal to labels') final hidden states, any
-        float dtype; the logits are computed in that dtype with float32 accumulation.
-      lm_head: [D, V] output projection (for a tied head: the embedding transposed).
+        float dtype; dh has this dtype.
+      lm_head: [D, V] output projection (for a tied head: the embedding transposed). dW has this
+        dtype: pass float32 master weights to get a float32 head gradient.
       labels: [N] or [B, T] int; -100 = not supervised.
       mask: like labels, 0/1, or None = every position with a label.
       spec: TargetSpec or preset name.
       teacher_hidden: [..., D_teacher] teacher hidden states, with teacher_lm_head [D_teacher, V]:
-        the teacher logits are computed chunk by chunk, never whole. No gradient reaches them.
+        the teacher logits are computed tile by tile, never whole. No gradient reaches them.
       teacher_lm_head: see teacher_hidden.
-      teacher_logits: [..., V] teacher logits (alternative to teacher_hidden; read per chunk).
+      teacher_logits: [..., V] teacher logits (alternative to teacher_hidden; read per tile).
       weights: like labels, in [0, 1], when spec.needs_weights.
       normalization, segment_ids, normalizer: as `qtarget_loss_sums`.
-      chunk_size: C, tokens per chunk; None = `default_chunk_size`. N need not be a multiple.
-      sharding: optional `ChunkSharding` (mesh, token axes, vocab axis) applied to each [C, V]
-        logits chunk; hidden and lm_head may be sharded on any axes.
+      chunk_size: tokens per tile (Nb) / per chunk (C); None = `default_blocks` /
+        `default_chunk_size`. N need not be a multiple.
+      sharding: optional `ChunkSharding` (mesh, token axes, vocab axis); hidden and lm_head may
+        be sharded on any axes.
+      vocab_block_size: Vb, vocabulary columns per tile of the "vocab_blocks" path; None =
+        `default_blocks`. V need not be a multiple.
+      compute_dtype: dtype of the matmul inputs (e.g. jnp.bfloat16 with float32 lm_head);
+        None = promote(hidden.dtype, lm_head.dtype). Accumulation is always float32.
+      path: "vocab_blocks" (two passes over [Nb, Vb] tiles, closed-form gradient),
+        "token_chunks" (whole [C, V] rows, any user rule) or None = `fused_path(spec)`, with a
+        warning when that is "token_chunks".
 
     Returns:
       (loss_sum f32[], denominator f32[], metric_sums), exactly as `qtarget_loss_sums`.
@@ -171,15 +238,28 @@ def fused_qtarget_loss_sums(
     dtype = jnp.promote_types(jnp.promote_types(hidden.dtype, lm_head.dtype), jnp.float32)
     checks.check_inputs(jax.ShapeDtypeStruct(tuple(labels.shape) + (vocab,), dtype), labels,
                         mask, abstract_teacher, weights)
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
+    for name, value in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f"{name}={value} must be a positive integer")
+    compute = (jnp.dtype(compute_dtype) if compute_dtype is not None
+               else jnp.promote_types(hidden.dtype, lm_head.dtype))
+    if not jnp.issubdtype(compute, jnp.floating):
+        raise TypeError(f"compute_dtype must be floating, got {compute}")
+    path = _resolve_path(spec, path)
 
     valid = labels != IGNORE_INDEX
     if mask is not None:
         valid = valid & (mask > 0)
     w, denominator = _token_weights(valid, normalization, normalizer, segment_ids, dtype)
-
     n_tokens = math.prod(labels.shape)
+
+    if path == "vocab_blocks":
+        loss_sum, sums = _vocab_blocks(
+            spec, hidden, lm_head, labels, valid, w, weights, teacher_hidden, teacher_lm_head,
+            teacher_logits, chunk_size, vocab_block_size, sharding, compute, dtype)
+        sums["tokens"] = jnp.sum(valid.astype(dtype))
+        return loss_sum, denominator.astype(dtype), sums
+
     shards = (math.prod(sharding.mesh.shape[a] for a in sharding.token_axes)
               if sharding else 1)
     chunk = int(chunk_size) if chunk_size else default_chunk_size(n_tokens, vocab,
@@ -199,12 +279,60 @@ def fused_qtarget_loss_sums(
     elif teacher_logits is not None:
         teacher = {"logits": rows(jax.lax.stop_gradient(teacher_logits), 0)}
     plan = ChunkPlan(spec=spec, n_chunks=n_chunks, chunk=chunk, sharding=sharding,
-                     grad_dtypes=(jnp.dtype(hidden.dtype).name, jnp.dtype(lm_head.dtype).name))
+                     grad_dtypes=(jnp.dtype(hidden.dtype).name, jnp.dtype(lm_head.dtype).name),
+                     compute=compute.name)
     loss_sum, sums = weighted_loss_sums(
         plan, rows(hidden, 0), lm_head, rows(w, 0), rows(labels, IGNORE_INDEX),
         rows(valid, False), None if weights is None else rows(weights, 0), teacher)
     sums["tokens"] = jnp.sum(valid.astype(dtype))
     return loss_sum, denominator.astype(dtype), sums
+
+
+def _vocab_blocks(spec, hidden, lm_head, labels, valid, w, weights, teacher_hidden,
+                  teacher_lm_head, teacher_logits, chunk_size, vocab_block_size, sharding,
+                  compute, dtype):
+    """Flatten the rows, pad them (and V) only as far as the sharding needs, run the passes."""
+    n_tokens, vocab = math.prod(labels.shape), lm_head.shape[1]
+    token_shards, vocab_shards, mesh, token_axes, vocab_axis = 1, 1, None, (), None
+    if sharding is not None:
+        mesh, token_axes, vocab_axis = sharding.mesh, tuple(sharding.token_axes), \
+            sharding.vocab_axis
+        token_shards = math.prod(mesh.shape[a] for a in token_axes)
+        vocab_shards = mesh.shape[vocab_axis] if vocab_axis else 1
+    row_pad = -n_tokens % token_shards
+    vocab_pad = -vocab % vocab_shards
+
+    def rows(x, fill=0):
+        flat = x.reshape(n_tokens, *x.shape[labels.ndim:])
+        if not row_pad:
+            return flat
+        return jnp.pad(flat, [(0, row_pad)] + [(0, 0)] * (flat.ndim - 1), constant_values=fill)
+
+    def cols(x):
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, vocab_pad)]) if vocab_pad else x
+
+    teacher = None
+    if teacher_hidden is not None:
+        teacher = {"hidden": rows(teacher_hidden), "lm_head": cols(teacher_lm_head)}
+    elif teacher_logits is not None:
+        teacher = {"logits": cols(rows(teacher_logits))}
+    n_local = (n_tokens + row_pad) // token_shards
+    v_local = (vocab + vocab_pad) // vocab_shards
+    nb, vb = default_blocks(n_local, v_local)
+    if chunk_size:
+        nb = min(int(chunk_size), n_local)
+    if vocab_block_size:
+        vb = min(int(vocab_block_size), v_local)
+    platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+    plan = BlockPlan(rows=row_stats.RowPlan(spec, vocab), token_block=nb, vocab_block=vb,
+                     compute=compute.name, stats=jnp.dtype(dtype).name, mesh=mesh,
+                     token_axes=token_axes, vocab_axis=vocab_axis, vocab_pad=vocab_pad,
+                     slice_bits=platform == "cpu")
+    head = cols(lm_head)
+    loss_sum, sums = blocked_loss_sums(
+        plan, rows(hidden), head, rows(labels, IGNORE_INDEX), rows(valid, False), rows(w),
+        None if weights is None else rows(weights), teacher)
+    return loss_sum, sums
 
 
 def fused_qtarget_loss(

@@ -1,4 +1,7 @@
-"""The chunk loop of the fused Q-target loss: weighted loss sums from hidden states and a head.
+"""The token-chunk path of the fused Q-target loss (`path="token_chunks"`): any target, rows whole.
+
+The default path for targets expressible as row statistics is `fused_blocks` (no [D, V]
+accumulator); this one serves targets with user-registered rules that read whole rows.
 
 Tokens are split into chunks of C rows. For each chunk the logits z = h_c @ W [C, V] are
 computed (float32 accumulation), `per_token_qtarget` gives the per-token loss and diagnostics of
@@ -67,6 +70,7 @@ class ChunkPlan:
     chunk: int
     sharding: Optional[ChunkSharding] = None
     grad_dtypes: tuple[str, str] = ("float32", "float32")  # dtypes of (h, lm_head)
+    compute: Optional[str] = None  # matmul input dtype; None = promote(h, lm_head)
 
 
 def chunk_rows(x: jax.Array, n_chunks: int, chunk: int) -> jax.Array:
@@ -93,7 +97,8 @@ def _teacher_chunk(teacher, t_c, dtype):
 def _loop(plan: ChunkPlan, with_grads: bool, h, lm_head, w, labels, valid, weights, teacher):
     """The chunk scan. Returns (loss_sum, metric_sums, dh [n, C, D] f32 | None, dW | None)."""
     dtype = jnp.promote_types(jnp.promote_types(h.dtype, lm_head.dtype), jnp.float32)
-    compute = jnp.promote_types(h.dtype, lm_head.dtype)  # matmul input dtype (bf16 stays bf16)
+    compute = (jnp.dtype(plan.compute) if plan.compute  # matmul input dtype (bf16 stays bf16)
+               else jnp.promote_types(h.dtype, lm_head.dtype))
     sh = plan.sharding
     tok = sh.token_axes if sh else None
     voc = sh.vocab_axis if sh else None

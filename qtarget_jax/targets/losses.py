@@ -60,6 +60,34 @@ def _gather(x, index, fill):
     return jnp.take_along_axis(x, index[..., None], axis=-1, mode="fill", fill_value=fill)[..., 0]
 
 
+def rule_gamma(ctx: rules.RowContext, spec: TargetSpec, dtype) -> jax.Array:
+    """gamma [...] of spec's rule at `ctx`: NaN outside [0, 1], clipped to [floor, cap], sg."""
+    gamma = rules.GAMMA_RULES[spec.gamma].fn(ctx).astype(dtype)
+    tol = 1e-6  # rounding slack (e.g. entropy / log V a hair above 1)
+    gamma = jnp.where((gamma >= -tol) & (gamma <= 1 + tol), gamma, jnp.nan)
+    return sg(jnp.clip(gamma, spec.gamma_floor, spec.gamma_cap))
+
+
+def student_residual(spec: TargetSpec) -> bool:
+    """True when pi_tilde is the student's own sg(p) in full (DFT, p-loss, token weighting)."""
+    plain = spec.residual == "student" or (spec.residual == "guided" and spec.eta == 0)
+    return plain and not spec.top_k
+
+
+def student_residual_kl(gamma: jax.Array, log_p_y: jax.Array) -> jax.Array:
+    """KL(Q || p) [...] for Q = gamma onehot(y) + (1 - gamma) p, without cancellation.
+
+    Q_v / p_v = 1 - gamma off the label, so KL = (1 - gamma)(1 - p_y) log(1 - gamma)
+    + q_y (log q_y - log p_y) with q_y = gamma + (1 - gamma) p_y (H(Q, p) - H(Q) would subtract
+    two numbers of the size of the entropy to get a KL that is often 1000x smaller).
+    """
+    p_y = jnp.exp(log_p_y)
+    one_minus = 1.0 - gamma
+    q_y = gamma + one_minus * p_y
+    return (xlogy(one_minus, one_minus) * (1.0 - p_y)
+            + jnp.where(q_y > 0, q_y * (jnp.log(q_y) - log_p_y), 0.0))
+
+
 def _target_parts(logits, labels, spec, teacher_logits, weights, valid):
     """Shared front half: the context, the label index, gamma [...] and the residual."""
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
@@ -79,11 +107,7 @@ def _target_parts(logits, labels, spec, teacher_logits, weights, valid):
         teacher_logits=None if teacher_logits is None else sg(teacher_logits),
         weights=None if weights is None else sg(weights), spec=spec)
 
-    gamma = rules.GAMMA_RULES[spec.gamma].fn(ctx).astype(dtype)
-    tol = 1e-6  # rounding slack (e.g. entropy / log V a hair above 1)
-    gamma = jnp.where((gamma >= -tol) & (gamma <= 1 + tol), gamma, jnp.nan)
-    gamma = sg(jnp.clip(gamma, spec.gamma_floor, spec.gamma_cap))
-
+    gamma = rule_gamma(ctx, spec, dtype)
     log_pi = rules.RESIDUAL_RULES[spec.residual].fn(ctx)
     if log_pi is None:
         residual = _Residual("uniform")
@@ -161,6 +185,8 @@ def per_token_qtarget(
     sum_q_log_q = (xlogy(one_minus, one_minus) - one_minus * h_pi
                    - xlogy(r_y, r_y) + xlogy(q_y, q_y))
     kl = sg(ce + sum_q_log_q)
+    if student_residual(spec):
+        kl = sg(student_residual_kl(gamma, log_p_y))
 
     accuracy = (jnp.argmax(z, axis=-1) == labels).astype(z.dtype)
     return {"loss": loss, "ce": sg(ce), "gamma": gamma, "p_y": sg(jnp.exp(log_p_y)),

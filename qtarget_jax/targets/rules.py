@@ -37,6 +37,8 @@ class RowContext:
       teacher_logits: teacher logits [..., V] or None.
       weights: per-token weights [...] or None.
       spec: the TargetSpec being evaluated.
+      vocab: V when `logits` is None (the vocabulary-blocked fused loss evaluates row-statistics
+        gamma rules from p_y, entropy and weights only, without a [..., V] row).
     """
 
     logits: jax.Array
@@ -46,10 +48,11 @@ class RowContext:
     teacher_logits: Optional[jax.Array]
     weights: Optional[jax.Array]
     spec: object
+    vocab: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
-        return self.logits.shape[-1]
+        return self.vocab if self.logits is None else self.logits.shape[-1]
 
     def teacher_log_probs(self) -> jax.Array:
         """log softmax(teacher_logits / T), [..., V]. Raises if no teacher logits were given."""
@@ -65,6 +68,7 @@ class RowContext:
 class GammaRule:
     fn: Callable[[RowContext], jax.Array]
     needs_weights: bool = False
+    row_stats: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +81,19 @@ GAMMA_RULES: dict[str, GammaRule] = {}
 RESIDUAL_RULES: dict[str, ResidualRule] = {}
 
 
-def register_gamma_rule(name: str, *, needs_weights: bool = False):
-    """Decorator: register `fn(ctx: RowContext) -> gamma [...]` under `name`."""
+def register_gamma_rule(name: str, *, needs_weights: bool = False, row_stats: bool = False):
+    """Decorator: register `fn(ctx: RowContext) -> gamma [...]` under `name`.
+
+    `row_stats=True` declares that `fn` reads only ctx.p_y, ctx.entropy, ctx.weights, ctx.spec
+    and ctx.vocab_size (no [..., V] array): the vocabulary-blocked fused loss can then evaluate
+    it from per-row statistics. Otherwise a fused loss with this rule takes the token-chunk path
+    (see `qtarget_jax.targets.fused.fused_path`).
+    """
 
     def decorate(fn):
         if name in GAMMA_RULES:
             raise ValueError(f"gamma rule {name!r} is already registered")
-        GAMMA_RULES[name] = GammaRule(fn, needs_weights)
+        GAMMA_RULES[name] = GammaRule(fn, needs_weights, row_stats)
         return fn
 
     return decorate
@@ -109,25 +119,25 @@ def register_residual_rule(name: str, *, needs_teacher: bool | Callable[[object]
 # ----------------------------------------------------------------------------- gamma rules
 
 
-@register_gamma_rule("one")
+@register_gamma_rule("one", row_stats=True)
 def _gamma_one(ctx: RowContext) -> jax.Array:
     """Full trust in the label: plain SFT."""
     return jnp.ones_like(ctx.p_y)
 
 
-@register_gamma_rule("constant")
+@register_gamma_rule("constant", row_stats=True)
 def _gamma_constant(ctx: RowContext) -> jax.Array:
     """A fixed trust, spec.gamma_value (label smoothing 1 - eps, distillation 1 - c)."""
     return jnp.full_like(ctx.p_y, ctx.spec.gamma_value)
 
 
-@register_gamma_rule("p_y")
+@register_gamma_rule("p_y", row_stats=True)
 def _gamma_p_y(ctx: RowContext) -> jax.Array:
     """Adaptive trust: the student's own probability of the label (DFT, p-loss, Target-SFT)."""
     return ctx.p_y
 
 
-@register_gamma_rule("weights", needs_weights=True)
+@register_gamma_rule("weights", needs_weights=True, row_stats=True)
 def _gamma_weights(ctx: RowContext) -> jax.Array:
     """Per-token weights w_t from the batch (importance-weighted / quality-weighted SFT).
 
@@ -142,7 +152,7 @@ def _gamma_weights(ctx: RowContext) -> jax.Array:
     return jnp.where((w >= 0) & (w <= 1), w, jnp.nan)
 
 
-@register_gamma_rule("entropy")
+@register_gamma_rule("entropy", row_stats=True)
 def _gamma_entropy(ctx: RowContext) -> jax.Array:
     """Entropy-weighted SFT: w_t = H(p_t) / log V, more weight where the student is uncertain."""
     return ctx.entropy / jnp.log(jnp.asarray(ctx.vocab_size, ctx.entropy.dtype))

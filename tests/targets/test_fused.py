@@ -196,16 +196,19 @@ def test_teacher_gets_no_gradient_and_logits_form_agrees():
 
 
 def test_no_value_of_shape_tokens_by_vocab_in_the_jaxpr():
-    """Neither the forward nor the backward holds an [N, V] (or [N_pad, V]) array."""
+    """Neither the forward nor the backward holds an [N, V] array, nor a [C, V] row chunk:
+    the vocabulary-blocked path works on [C, Vb] tiles."""
     n, v, chunk = 512, 4096, 32
     h = jax.ShapeDtypeStruct((n, D), jnp.float32)
     w = jax.ShapeDtypeStruct((D, v), jnp.float32)
     labels = jnp.zeros((n,), jnp.int32)
     th = jax.ShapeDtypeStruct((n, DT), jnp.float32)
     tw = jax.ShapeDtypeStruct((DT, v), jnp.float32)
+    vb = 256
     jaxpr = jax.make_jaxpr(jax.value_and_grad(
         lambda h, w, th, tw: fused_qtarget_loss(h, w, labels, None, "topk", chunk_size=chunk,
-                                                teacher_hidden=th, teacher_lm_head=tw)[0],
+                                                vocab_block_size=vb, teacher_hidden=th,
+                                                teacher_lm_head=tw)[0],
         (0, 1)))(h, w, th, tw)
     shapes = set()
 
@@ -222,7 +225,7 @@ def test_no_value_of_shape_tokens_by_vocab_in_the_jaxpr():
     walk(jaxpr.jaxpr)
     big = [s for s in shapes if int(np.prod(s)) >= n * v]
     assert not big, big
-    assert (chunk, v) in shapes
+    assert (chunk, vb) in shapes and (chunk, v) not in shapes
 
 
 class FusedEagerTest(chex.TestCase):
