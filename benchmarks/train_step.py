@@ -217,6 +217,7 @@ class Child:
 
 
 def main() -> None:
+    global B, T
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
@@ -235,7 +236,6 @@ def main() -> None:
                          "of the jax row, FLOPs per token = 6 N + 12 L T D as in training")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global B, T
     B, T = args.batch, args.seq
     args.cpus = (sorted(os.sched_getaffinity(0)) if args.cpus is None
                  else [int(c) for c in args.cpus.split(",")])
