@@ -1,6 +1,8 @@
 """Behaviour of the Decoder without a reference model: scan == loop, remat == no remat (logits
 and grads), causality / segment isolation / sliding window through gradients, KV cache ==
 full forward (incl. left padding), hidden states, bf16, call-time errors."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -232,19 +234,22 @@ def _layer_remats(jaxpr) -> int:
                + sum(_layer_remats(s) for s in _sub_jaxprs(e)) for e in jaxpr.eqns)
 
 
-def test_attention_and_swiglu_are_recomputed_in_backward():
+def test_attention_and_swiglu_are_recomputed_in_backward(capsys):
     """Gradients keep no float [B, K, G, T, S] attention scores/probabilities nor SwiGLU
     intermediates alive: per layer only gate, up and silu(gate) * up are [B, T, F] residuals
     (without the jax.checkpoint of the attention core and SwiGLU: 3 score-sized and 6
     [B, T, F] residuals per layer)."""
-    from jax._src.ad_checkpoint import saved_residuals
+    from jax.ad_checkpoint import print_saved_residuals
     cfg = tiny_config("smollm2_tied", num_layers=1)
     graphdef, params = nnx.split(random_model(cfg))
     b, t = 2, 7                                     # t differs from every model size
     tokens = jnp.asarray(np.arange(b * t).reshape(b, t) % cfg.vocab_size, jnp.int32)
-    res = [aval for aval, _ in saved_residuals(
-        lambda p: nnx.merge(graphdef, p)(tokens).sum(), params)]
-    floats = [a.shape for a in res if jnp.issubdtype(a.dtype, jnp.floating)]
+    capsys.readouterr()
+    print_saved_residuals(lambda p: nnx.merge(graphdef, p)(tokens).sum(), params)
+    lines = capsys.readouterr().out.splitlines()
+    floats = [tuple(int(d) for d in m.group(1).split(",") if d)
+              for m in (re.match(r"\s*(?:f32|bf16|f16)\[([\d,]*)\]", ln) for ln in lines) if m]
+    assert floats, lines                            # the printout was parsed
     assert not [sh for sh in floats if sh[-2:] == (t, t)], floats
     assert sum(sh == (b, t, cfg.intermediate_size) for sh in floats) == 3, floats
 
