@@ -8,6 +8,7 @@ Shapes: see the legend in models/config.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -108,6 +109,39 @@ def attention_mask(q_index: jax.Array, q_segment: jax.Array, k_index: jax.Array,
     return mask
 
 
+def _attend(q_BKGTH: jax.Array, keys: list[jax.Array], values: list[jax.Array],
+            masks: list[jax.Array], *, layouts: tuple[str, ...], dtype: jnp.dtype) -> jax.Array:
+    """Softmax attention of q [B, K, G, T, Dh] over the concatenated key parts.
+
+    keys / values: per part [B, K, S_i, Dh] (layout "bksh") or [B, S_i, K, Dh] ("bskh");
+    masks: per part [B, T, S_i] bool. Scores and probabilities are float32 [B, K, G, T, S].
+    Returns [B, K, G, T, Dh] in `dtype`. The caller wraps it in jax.checkpoint: the backward
+    recomputes the scores from q, k, v (one [T, S] matmul per head) instead of keeping three
+    [B, K, G, T, S] float32 residuals per layer alive from the forward to the backward.
+    """
+    dh = q_BKGTH.shape[-1]
+    # A finite minimum (not -inf): a query with no visible key (padding) gets a uniform
+    # softmax instead of NaN.
+    logits = jnp.concatenate([
+        jnp.where(m[:, None, None], jnp.einsum(f"bkgth,{lay}->bkgts", q_BKGTH, kk,
+                                               preferred_element_type=jnp.float32)
+                  * (dh ** -0.5), jnp.finfo(jnp.float32).min)
+        for kk, m, lay in zip(keys, masks, layouts)], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    outs, start = [], 0
+    for vv, lay in zip(values, layouts):  # probs over [cache slots | this call's tokens]
+        width = vv.shape[1] if lay == "bskh" else vv.shape[2]
+        outs.append(jnp.einsum(f"bkgts,{lay}->bkgth", probs[..., start:start + width], vv))
+        start += width
+    return sum(outs[1:], outs[0])
+
+
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, elementwise; wrapped in jax.checkpoint by MLP so only gate and up (the
+    matmul outputs) are kept for the backward, not silu's intermediates."""
+    return jax.nn.silu(gate) * up
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
 
@@ -160,31 +194,29 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        keys, values, masks, new_kv = [k], [v], [mask_BTT], None
+        b, t, h, dh = q.shape
+        kh, g = self.num_kv_heads, h // self.num_kv_heads
+        # Head-major [B, N, T, Dh] (head n = kv head n // G, group n % G): every attention matmul
+        # then has its batch axes (b, k) leading and its contraction last or first, so XLA runs
+        # it without transposing the [B, K, G, T, S] scores or their gradients.
+        q_BKGTH = q.transpose(0, 2, 1, 3).reshape(b, kh, g, t, dh)
+        k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        new_kv = None
+        # (keys, values, mask, key layout): this call's keys are [B, K, T, Dh]; cache keys stay
+        # [B, S, K, Dh] as stored (a decode step never copies the cache into another layout).
+        parts = [(k_BKTH, v_BKTH, mask_BTT, "bksh")]
         if kv is not None:
             k_cache, v_cache, cache_mask = kv
             new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
             # This call's keys as a later step will read them back (cache dtype round trip).
-            keys = [k_cache.astype(self.dtype), new_kv[0].astype(self.dtype)]
-            values = [v_cache.astype(self.dtype), new_kv[1].astype(self.dtype)]
-            masks = [cache_mask, mask_BTT]
-        b, t, h, dh = q.shape
-        q_BTKGH = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, dh)
-        # A finite minimum (not -inf): a query with no visible key (padding) gets a uniform
-        # softmax instead of NaN.
-        logits = jnp.concatenate([
-            jnp.where(m[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, kk,
-                                                   preferred_element_type=jnp.float32)
-                      * (dh ** -0.5), jnp.finfo(jnp.float32).min)
-            for kk, m in zip(keys, masks)], axis=-1)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        parts, start = [], 0
-        for vv in values:                     # probs over [cache slots | this call's tokens]
-            width = vv.shape[1]
-            parts.append(jnp.einsum("bkgts,bskh->btkgh", probs[..., start:start + width], vv))
-            start += width
-        out = sum(parts[1:], parts[0])
-        y = jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh),
+            parts = [(k_cache.astype(self.dtype), v_cache.astype(self.dtype), cache_mask, "bskh"),
+                     (new_kv[0].astype(self.dtype).transpose(0, 2, 1, 3),
+                      new_kv[1].astype(self.dtype).transpose(0, 2, 1, 3), mask_BTT, "bksh")]
+        layouts = tuple(lay for *_, lay in parts)
+        out = jax.checkpoint(functools.partial(_attend, layouts=layouts, dtype=self.dtype))(
+            q_BKGTH, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+        out = out.reshape(b, h, t, dh).transpose(0, 2, 1, 3)            # [B, T, N, Dh]
+        y = jnp.einsum("bthk,hkd->btd", out,
                        self.o_proj[...].astype(self.dtype))
         return y, new_kv
 
@@ -204,7 +236,7 @@ class MLP(nnx.Module):
         """x [B, T, D] -> [B, T, D]."""
         gate = x_BTD @ self.gate_proj[...].astype(self.dtype)
         up = x_BTD @ self.up_proj[...].astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+        return jax.checkpoint(_swiglu)(gate, up) @ self.down_proj[...].astype(self.dtype)
 
 
 class Block(nnx.Module):

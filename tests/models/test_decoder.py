@@ -1,6 +1,8 @@
 """Behaviour of the Decoder without a reference model: scan == loop, remat == no remat (logits
 and grads), causality / segment isolation / sliding window through gradients, KV cache ==
 full forward (incl. left padding), hidden states, bf16, call-time errors."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -204,9 +206,52 @@ def test_jaxpr_has_remat_per_layer_and_one_scan(scan, policy, remats, scans):
     """remat wraps each layer (once inside the scan body); scan_layers gives one scan."""
     model = random_model(tiny_config("qwen2_bias", scan_layers=scan, remat_policy=policy))
     graphdef, params = nnx.split(model)
-    jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((1, 4), jnp.int32)))(
-        params))
-    assert (jaxpr.count("remat"), jaxpr.count("scan[")) == (remats, scans)
+    closed = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((1, 4), jnp.int32)))(
+        params)
+    assert (_layer_remats(closed.jaxpr), str(closed).count("scan[")) == (remats, scans)
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if hasattr(x, "eqns"):
+                yield x
+            elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+                yield x.jaxpr
+
+
+def _is_remat(eqn) -> bool:
+    return eqn.primitive.name in ("checkpoint", "remat", "remat2")
+
+
+def _layer_remats(jaxpr) -> int:
+    """Remat equations that hold another remat: a layer's remat holds the jax.checkpoint of the
+    attention core and of the SwiGLU that every layer has (those two hold none)."""
+    def has_remat(j):
+        return any(_is_remat(e) or any(has_remat(s) for s in _sub_jaxprs(e)) for e in j.eqns)
+
+    return sum((_is_remat(e) and any(has_remat(s) for s in _sub_jaxprs(e)))
+               + sum(_layer_remats(s) for s in _sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
+def test_attention_and_swiglu_are_recomputed_in_backward(capsys):
+    """Gradients keep no float [B, K, G, T, S] attention scores/probabilities nor SwiGLU
+    intermediates alive: per layer only gate, up and silu(gate) * up are [B, T, F] residuals
+    (without the jax.checkpoint of the attention core and SwiGLU: 3 score-sized and 6
+    [B, T, F] residuals per layer)."""
+    from jax.ad_checkpoint import print_saved_residuals
+    cfg = tiny_config("smollm2_tied", num_layers=1)
+    graphdef, params = nnx.split(random_model(cfg))
+    b, t = 2, 7                                     # t differs from every model size
+    tokens = jnp.asarray(np.arange(b * t).reshape(b, t) % cfg.vocab_size, jnp.int32)
+    capsys.readouterr()
+    print_saved_residuals(lambda p: nnx.merge(graphdef, p)(tokens).sum(), params)
+    lines = capsys.readouterr().out.splitlines()
+    floats = [tuple(int(d) for d in m.group(1).split(",") if d)
+              for m in (re.match(r"\s*(?:f32|bf16|f16)\[([\d,]*)\]", ln) for ln in lines) if m]
+    assert floats, lines                            # the printout was parsed
+    assert not [sh for sh in floats if sh[-2:] == (t, t)], floats
+    assert sum(sh == (b, t, cfg.intermediate_size) for sh in floats) == 3, floats
 
 
 def test_scan_program_size_flat_in_depth():
