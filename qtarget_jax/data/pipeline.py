@@ -24,6 +24,7 @@ import numpy as np
 from qtarget_jax.data import chat, packing, records, sources
 
 log = logging.getLogger(__name__)
+_TOKENIZE_CHUNK = 4096  # records read and held as text at a time
 
 
 @dataclasses.dataclass
@@ -55,18 +56,23 @@ def tokenize_split(source: str, tokenizer: Any, *, split: str, seq_len: int,
     ds = sources.open_split(source, split, data_dir=data_dir)
     pol = records.Policy(policy)
     indices = range(process_index, len(ds), process_count)
-    convs = sources.read_conversations(ds, indices, name=f"{source}:{split}", policy=pol,
-                                       field_map=field_map)
     examples, truncated = [], 0
-    for _, where, conv in convs:
-        try:
-            ids, mask = chat.tokenize_conversation(tokenizer, conv, where)
-            ex = chat.to_training_example(ids, mask, seq_len, truncate=truncate, where=where)
-        except records.BadRow as err:
-            pol.handle(err)
-            continue
-        truncated += ex.truncated
-        examples.append(ex)
+    # Records are read and tokenised a chunk at a time: only the token arrays are kept.
+    for start in range(0, len(indices), _TOKENIZE_CHUNK):
+        convs = sources.read_conversations(ds, indices[start:start + _TOKENIZE_CHUNK],
+                                           name=f"{source}:{split}", policy=pol,
+                                           field_map=field_map)
+        tokenized = chat.tokenize_conversations(tokenizer, [(w, c) for _, w, c in convs])
+        for (_, where, _), got in zip(convs, tokenized):
+            try:
+                if isinstance(got, records.BadRow):
+                    raise got
+                ex = chat.to_training_example(*got, seq_len, truncate=truncate, where=where)
+            except records.BadRow as err:
+                pol.handle(err)
+                continue
+            truncated += ex.truncated
+            examples.append(ex)
     if pol.counts:
         log.warning("%s split %r: %s", source, split, pol.summary())
     lengths = np.array([len(e) for e in examples], np.int64)
