@@ -274,15 +274,17 @@ _AUTO = RowFormat()
 
 
 def parse_json(line: str | bytes, where: str) -> Any:
-    """Decodes one JSONL line (UTF-8 bytes or text); raises `BadRow` naming ``where``."""
+    """Decodes one JSONL line (UTF-8 bytes or text; a leading byte-order mark is dropped);
+    raises `BadRow` naming ``where``."""
     if isinstance(line, bytes):
+        line = line.removeprefix(b"\xef\xbb\xbf")
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRow("bad_encoding", where, f"not UTF-8: byte 0x{line[e.start]:02x} at "
                          f"column {e.start + 1}") from None
     try:
-        return json.loads(line)
+        return json.loads(line.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
         raise BadRow("malformed_json", where, f"{e.msg} at column {e.colno}") from None
 
