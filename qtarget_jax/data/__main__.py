@@ -125,9 +125,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     path, pol = builder.prepare_dataset(split_files, args.out, args.name, policy=args.policy,
                                         row_format=row_format_from_args(args))
     seconds = time.perf_counter() - t0
-    rows = sum(s.num_examples for s in tfds.builder_from_directory(path).info.splits.values())
+    splits = tfds.builder_from_directory(path).info.splits
+    per_split = {name: splits[name].num_examples for name in split_files}
+    rows = sum(per_split.values())
     print(f"prepared {path}")
-    print(f"{rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
+    print("rows: " + " ".join(f"{k}={v}" for k, v in per_split.items())
+          + f" ({rows} in {seconds:.1f}s, {rows / max(seconds, 1e-9):,.0f} rows/s)")
     print(pol.summary())
     if args.seq_len:
         args.data_dir = None
