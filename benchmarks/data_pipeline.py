@@ -11,15 +11,16 @@ tokenisation at training time outruns the train step. Measured in one run, on th
      RSS (getrusage of the child);
   4. tokenise: `pipeline.tokenize_split` on a 1/--tok-shards shard of the prepared split
      (read + validate + chat template + mask, exactly what the trainer runs), against the
-     reference: a plain `tokenizer(batch)` loop over the same conversations' rendered text
-     (tokens/s of each, and the ratio);
+     reference: a plain loop over the same conversations, `apply_chat_template` then
+     `tokenizer(batch of 64)` (tokens/s of each, and the ratio); with --workers N, also
+     `tokenize_split(num_workers=N)`;
   5. iterate: packed [B, T] batches (tokens/s);
   6. train step (--train-step): SmolLM2-135M fwd+bwd of the SFT loss on [b, T], random
      weights, jitted, median of 3 after compiling; printed as ratios tokenise / train and
      iterate / train (tokens per second).
 
 Example Usage:
-  .venv/bin/python benchmarks/data_pipeline.py --rows 200000 --train-step
+  .venv/bin/python benchmarks/data_pipeline.py --rows 200000 --train-step --workers 2
   .venv/bin/python benchmarks/data_pipeline.py --rows 20000 --tok-shards 4   # quicker
 Cost for 200k rows on 2 shared CPU cores: ~1 min corpus, ~3 min prepare, ~1 min tokenise
 (5,000 rows), ~1 min train step. Disk: ~0.6 GB in a temp folder (removed at the end).
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4, help="Parquet files")
     ap.add_argument("--tok-shards", type=int, default=40,
                     help="tokenise 1/this of the split (process 0 of this many)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also tokenise with this many worker processes (>1)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="rows per iterated batch")
     ap.add_argument("--batches", type=int, default=200, help="batches to iterate")
@@ -230,6 +233,17 @@ def main() -> None:
               f"{(ntok / dt) / ref_rate:.2f}")
         report.update(tokenise_tokens_s=ntok / dt, reference_tokens_s=ref_rate,
                       reference_tokenizer_only_tokens_s=ref_tok / tok_s)
+        if args.workers > 1:
+            t = time.perf_counter()
+            par = pipeline.tokenize_split(ds_dir, tok, split="train", seq_len=args.seq_len,
+                                          truncate=True, process_index=0,
+                                          process_count=args.tok_shards,
+                                          num_workers=args.workers)
+            dt_w = time.perf_counter() - t
+            assert int(par.lengths.sum()) == ntok
+            print(f"tokenise  : the same with num_workers={args.workers}: {dt_w:.1f}s (incl. "
+                  f"starting them) = {ntok / dt_w:,.0f} tokens/s, {dt / dt_w:.2f}x one process")
+            report.update(tokenise_workers_tokens_s=ntok / dt_w)
 
         it = pipeline.SftIterator(split, seq_len=args.seq_len, batch_size=args.batch_size,
                                   seed=0)

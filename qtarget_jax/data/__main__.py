@@ -93,7 +93,8 @@ def _print_stats(args: argparse.Namespace, source: str, splits: list[str]) -> No
     for split in splits:
         data = pipeline.tokenize_split(
             source, tok, split=split, seq_len=args.seq_len, data_dir=args.data_dir,
-            policy=args.policy, truncate=args.truncate, field_map=_field_map(args.field_map))
+            policy=args.policy, truncate=args.truncate, field_map=_field_map(args.field_map),
+            num_workers=args.workers)
         s = stats.split_stats(data, args.seq_len, pack_window=args.pack_window)
         print(stats.format_stats(split, s))
         if args.json:
@@ -148,6 +149,7 @@ def _tokenise_flags(p: argparse.ArgumentParser, seq_len_help: str) -> None:
                    help="cut too-long responses instead of treating the row as bad")
     p.add_argument("--pack-window", type=int, default=8)
     p.add_argument("--json", action="store_true", help="also print statistics as JSON lines")
+    p.add_argument("--workers", type=int, default=0, help="processes that tokenise (0: this one)")
     p.add_argument("--policy", choices=records.POLICIES, default="error",
                    help="bad rows: stop naming file:line (error) or skip and count (skip)")
 
