@@ -29,7 +29,7 @@ POLICIES = ("error", "skip")
 REASONS = (
     "bad_encoding",       # the line is not valid UTF-8
     "malformed_json",     # the line is not a JSON object
-    "bad_fields",         # missing, extra-ambiguous or non-string fields
+    "bad_fields",         # missing, null or non-string fields (or columns)
     "unknown_role",       # a role outside ROLES
     "no_assistant_turn",  # nothing to supervise
     "empty_response",     # an assistant turn with empty / whitespace-only content
@@ -130,7 +130,6 @@ def _check_conversation(messages: Sequence[Message], where: str) -> Conversation
 # ShareGPT speakers -> our roles ("human"/"gpt" in ShareGPT exports; some use our names).
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
-AUTO_FORMATS = ("messages", "conversations", "prompt/response")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +168,9 @@ class RowFormat:
     def columns_for(self, names: Sequence[str]) -> tuple[list[str], list[str]]:
         """``(columns to read, required columns missing from names)`` for a file's columns.
 
-        Explicit formats need their columns; recognition picks the first of AUTO_FORMATS the
-        columns allow. ``keep`` columns are always needed.
+        Explicit formats need their columns; recognition picks the first of ``messages``,
+        ``conversations``, ``prompt`` + ``response`` the file has. ``keep`` columns are always
+        needed.
         """
         if self.messages is not None:
             want = [self.messages]
