@@ -107,7 +107,7 @@ def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name
                     policy: str = "error", row_format: records.RowFormat | None = None
                     ) -> tuple[str, records.Policy]:
     """Validates the rows of JSONL / JSONL.gz / Parquet files and writes them as an
-    array_record tfds dataset, streaming (memory does not grow with the number of rows).
+    array_record tfds dataset, streaming (memory bounded by tfds's 1 GB record buffer).
 
     Args:
       split_files: split -> files, globs or folders of shards (see `readers.expand_paths`),
