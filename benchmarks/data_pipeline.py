@@ -22,8 +22,9 @@ tokenisation at training time outruns the train step. Measured in one run, on th
 Example Usage:
   .venv/bin/python benchmarks/data_pipeline.py --rows 200000 --train-step --workers 2
   .venv/bin/python benchmarks/data_pipeline.py --rows 20000 --tok-shards 4   # quicker
-Cost for 200k rows on 2 shared CPU cores: ~1 min corpus, ~3 min prepare, ~1 min tokenise
-(5,000 rows), ~1 min train step. Disk: ~0.6 GB in a temp folder (removed at the end).
+Cost for 200k rows on 2 shared CPU cores (measured): 0.5-1 min corpus, 1.5-2.5 min prepare,
+~0.5 min tokenise (5,000 rows, plus ~0.5 min with --workers 2), ~5 min train step (compile +
+3 timed steps). Disk: ~0.6 GB in a temp folder (removed at the end).
 """
 from __future__ import annotations
 
