@@ -60,6 +60,7 @@ class DataSection:
     seed: int = 0  # shuffle seed
     pack: bool = True  # pack several examples per row
     truncate: bool = False  # cut too-long responses instead of failing on them
+    tokenize_workers: int = 0  # processes tokenising this host's shard at start (0: this one)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,14 @@
-"""Command line: generate the synthetic set, prepare JSONL as a tfds dataset, print statistics.
+"""Command line: generate the synthetic set, prepare JSONL/Parquet as a tfds dataset, print
+statistics.
 
 Example Usage:
   python -m qtarget_jax.data synth --out data/synth --n-train 2000 --n-test 200 --noise 0.2 --seed 0
   python -m qtarget_jax.data prepare --split train=data/synth/train.jsonl \\
       --split test=data/synth/test.jsonl --out data/tfds --name synth --seq-len 256
+  python -m qtarget_jax.data prepare --split 'train=numina/data/train-*.parquet' \\
+      --out data/tfds --name numina --keep-columns source --seq-len 2048 --truncate
+  python -m qtarget_jax.data prepare --split train=gsm8k/train.jsonl.gz --out data/tfds \\
+      --name gsm8k --prompt-column question --response-column answer
   python -m qtarget_jax.data stats --source data/tfds/jsonl_sft/synth/1.0.0 --split test
 
 ``--tokenizer`` is a Hugging Face tokenizer folder or a ``.gguf`` file; the default is the
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from qtarget_jax.data import records
@@ -41,10 +47,34 @@ def _split_args(items: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--split takes NAME=FILE.jsonl, got {item!r}")
-        name, path = item.split("=", 1)
-        out.setdefault(name, []).append(path)
+            raise SystemExit(f"--split takes NAME=FILE[,FILE...], got {item!r}")
+        name, paths = item.split("=", 1)
+        out.setdefault(name, []).extend(p for p in paths.split(",") if p)
     return out
+
+
+def row_format_from_args(args: argparse.Namespace) -> records.RowFormat:
+    """The `records.RowFormat` of the column flags (all unset: recognise rows by their keys)."""
+    keep = tuple(c for c in (args.keep_columns or "").split(",") if c)
+    try:
+        return records.RowFormat(messages=args.messages_column, prompt=args.prompt_column,
+                                 response=args.response_column, system=args.system_column,
+                                 system_prompt=args.system_prompt, keep=keep)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def add_row_format_flags(p: argparse.ArgumentParser) -> None:
+    """--messages-column, --prompt-column/--response-column, --system-*, --keep-columns."""
+    g = p.add_argument_group("row format (default: recognise messages / conversations / "
+                             "prompt+response)")
+    g.add_argument("--messages-column", help="column of [{role, content}] or ShareGPT "
+                   "[{from, value}] lists")
+    g.add_argument("--prompt-column", help="column of the user text, e.g. problem")
+    g.add_argument("--response-column", help="column of the assistant text, e.g. solution")
+    g.add_argument("--system-column", help="column of a per-row system prompt")
+    g.add_argument("--system-prompt", help="system prompt for every row that has none")
+    g.add_argument("--keep-columns", help="columns kept as JSON metadata, e.g. source,answer")
 
 
 def _field_map(text: str | None) -> dict[str, str] | None:
@@ -63,7 +93,8 @@ def _print_stats(args: argparse.Namespace, source: str, splits: list[str]) -> No
     for split in splits:
         data = pipeline.tokenize_split(
             source, tok, split=split, seq_len=args.seq_len, data_dir=args.data_dir,
-            policy=args.policy, truncate=args.truncate, field_map=_field_map(args.field_map))
+            policy=args.policy, truncate=args.truncate, field_map=_field_map(args.field_map),
+            num_workers=args.workers)
         s = stats.split_stats(data, args.seq_len, pack_window=args.pack_window)
         print(stats.format_stats(split, s))
         if args.json:
@@ -90,9 +121,17 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     tfds.disable_progress_bar()
     split_files = _split_args(args.split)
     if not split_files:
-        raise SystemExit("prepare needs at least one --split NAME=FILE.jsonl")
-    path, pol = builder.prepare_dataset(split_files, args.out, args.name, policy=args.policy)
+        raise SystemExit("prepare needs at least one --split NAME=FILE[,FILE...]")
+    t0 = time.perf_counter()
+    path, pol = builder.prepare_dataset(split_files, args.out, args.name, policy=args.policy,
+                                        row_format=row_format_from_args(args))
+    seconds = time.perf_counter() - t0
+    splits = tfds.builder_from_directory(path).info.splits
+    per_split = {name: splits[name].num_examples for name in split_files}
+    rows = sum(per_split.values())
     print(f"prepared {path}")
+    print("rows: " + " ".join(f"{k}={v}" for k, v in per_split.items())
+          + f" ({rows} in {seconds:.1f}s, {rows / max(seconds, 1e-9):,.0f} rows/s)")
     print(pol.summary())
     if args.seq_len:
         args.data_dir = None
@@ -110,6 +149,7 @@ def _tokenise_flags(p: argparse.ArgumentParser, seq_len_help: str) -> None:
                    help="cut too-long responses instead of treating the row as bad")
     p.add_argument("--pack-window", type=int, default=8)
     p.add_argument("--json", action="store_true", help="also print statistics as JSON lines")
+    p.add_argument("--workers", type=int, default=0, help="processes that tokenise (0: this one)")
     p.add_argument("--policy", choices=records.POLICIES, default="error",
                    help="bad rows: stop naming file:line (error) or skip and count (skip)")
 
@@ -128,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_synth)
 
-    p = sub.add_parser("prepare", help="JSONL -> tfds array_record dataset (+ statistics)")
-    p.add_argument("--split", action="append", default=[], metavar="NAME=FILE.jsonl")
+    p = sub.add_parser("prepare", help="JSONL/Parquet -> tfds array_record dataset (+ statistics)")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=FILE[,FILE...]",
+                   help="files (.jsonl, .jsonl.gz, .parquet), globs or folders of shards")
     p.add_argument("--out", required=True, help="tfds data_dir to write into")
     p.add_argument("--name", required=True, help="dataset name [a-z0-9_]+")
     p.add_argument("--field-map", help=argparse.SUPPRESS)
+    add_row_format_flags(p)
     _tokenise_flags(p, "row length T for the statistics (0: no statistics, no tokenizer)")
     p.set_defaults(fn=cmd_prepare)
 
@@ -152,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         args.split = ["train"]
     try:
         args.fn(args)
-    except (records.BadRow, FileExistsError, FileNotFoundError, KeyError) as err:
+    except (records.BadRow, records.BadFile, FileExistsError, FileNotFoundError, KeyError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,14 +1,18 @@
-"""JSONL files -> a tensorflow-datasets dataset stored as array_record (no TensorFlow needed).
+"""JSONL / JSONL.gz / Parquet files -> a tensorflow-datasets dataset stored as array_record
+(no TensorFlow needed).
 
 The stored dataset holds validated conversations, not token ids, so one prepared dataset serves
 any model/tokenizer. Layout: ``<out_dir>/jsonl_sft/<name>/1.0.0/`` with
-``jsonl_sft-<split>.array_record-*``, ``dataset_info.json``, ``features.json``; the bad-row counts
-and source files of the preparation are kept in its ``metadata.json``.
+``jsonl_sft-<split>.array_record-*``, ``dataset_info.json``, ``features.json``; the bad-row
+counts, row format and source files of the preparation are kept in its ``metadata.json``.
+Rows are streamed (`readers`); tfds buffers serialized records in memory up to 1 GB and then
+spills them to temporary files, so memory stays bounded for any number of rows.
 
 Record features::
 
   messages: Sequence({"role": Text, "content": Text})   # [num_messages] each
-  source:   Text                                        # "file.jsonl:LINE" of the row
+  source:   Text                                        # "file.jsonl:LINE" / "f.parquet:row N"
+  metadata: Text   # only with keep columns: a JSON object {column: value} of the kept columns
 
 Stored order is reproducible: each row's tfds key is ``"FILE_INDEX:LINE"`` (the file's place in
 its split's list, the row's line number), and tfds stores a split in the order of a salted md5
@@ -25,6 +29,7 @@ default install has none); reading uses ``tfds.data_source`` / ``builder_from_di
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -33,7 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
-from qtarget_jax.data import records
+from qtarget_jax.data import readers, records
 
 BUILDER_NAME = "jsonl_sft"
 VERSION = "1.0.0"
@@ -44,17 +49,20 @@ class JsonlSft(tfds.core.GeneratorBasedBuilder):
     """SFT conversations read from the user's JSONL files (one builder config per dataset name).
 
     Args (besides tfds's own):
-      split_files: split name -> list of JSONL paths, e.g. ``{"train": ["a.jsonl"]}``.
+      split_files: split name -> list of files, e.g. ``{"train": ["a.jsonl", "b.parquet"]}``.
       policy: `records.Policy` for bad rows; after `download_and_prepare` its ``counts`` hold
         the skipped rows by reason.
+      row_format: `records.RowFormat` (columns to use, kept columns); default: recognise rows.
     """
 
     VERSION = tfds.core.Version(VERSION)
 
     def __init__(self, *, split_files: Mapping[str, Sequence[str]] | None = None,
-                 policy: records.Policy | None = None, **kwargs: Any):
+                 policy: records.Policy | None = None,
+                 row_format: records.RowFormat | None = None, **kwargs: Any):
         self._split_files = {k: list(v) for k, v in (split_files or {}).items()}
         self._policy = policy or records.Policy("error")
+        self._row_format = row_format or records.RowFormat()
         super().__init__(**kwargs)
 
     # tfds 4.9.10 resolves code_path via `importlib_resources`, a package it only declares for
@@ -65,16 +73,19 @@ class JsonlSft(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "messages": tfds.features.Sequence({
+                "role": tfds.features.Text(),
+                "content": tfds.features.Text(),
+            }),
+            "source": tfds.features.Text(),
+        }
+        if self._row_format.keep:
+            features["metadata"] = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
-            description="SFT conversations prepared from JSONL by qtarget_jax.data",
-            features=tfds.features.FeaturesDict({
-                "messages": tfds.features.Sequence({
-                    "role": tfds.features.Text(),
-                    "content": tfds.features.Text(),
-                }),
-                "source": tfds.features.Text(),
-            }),
+            description="SFT conversations prepared from JSONL/Parquet by qtarget_jax.data",
+            features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(),
         )
 
@@ -90,11 +101,13 @@ class JsonlSft(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, paths: Sequence[str]):
         labels = source_labels(paths)
         for index, path in enumerate(paths):
-            for where, conv in records.read_jsonl(path, self._policy):
-                line = int(where.rpartition(":")[2])  # read_jsonl's where is "PATH:LINE"
-                yield example_key(index, line), {
-                    "messages": records.conversation_to_dicts(conv),
-                    "source": f"{labels[index]}:{line}",
+            for row in readers.read_rows(path, self._policy, self._row_format):
+                # row.where is "PATH:LINE" (JSONL) or "PATH:row N" (Parquet): keep its suffix.
+                suffix = row.where[len(path):] if row.where.startswith(path) else f":{row.index}"
+                yield example_key(index, row.index), {
+                    "messages": records.conversation_to_dicts(row.conversation),
+                    "source": f"{labels[index]}{suffix}",
+                    **_metadata_feature(row),
                 }
 
 
@@ -142,32 +155,55 @@ def source_labels(paths: Sequence[str]) -> list[str]:
             depth[i] += 1
 
 
+def _metadata_feature(row: readers.Row) -> dict[str, str]:
+    """``{"metadata": JSON text}`` of the kept columns; ``{}`` when none are kept. Values are
+    stored as JSON (non-JSON Parquet types such as dates as their text)."""
+    if row.metadata is None:
+        return {}
+    return {"metadata": json.dumps(row.metadata, ensure_ascii=False, default=str)}
+
+
 def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name: str, *,
-                    policy: str = "error") -> tuple[str, records.Policy]:
-    """Validates the JSONL files and writes them as an array_record tfds dataset.
+                    policy: str = "error", row_format: records.RowFormat | None = None
+                    ) -> tuple[str, records.Policy]:
+    """Validates the rows of JSONL / JSONL.gz / Parquet files and writes them as an
+    array_record tfds dataset, streaming (memory bounded by tfds's 1 GB record buffer).
 
     Args:
-      split_files: split -> JSONL paths, e.g. ``{"train": ["train.jsonl"], "test": [...]}``.
+      split_files: split -> files, globs or folders of shards (see `readers.expand_paths`),
+        e.g. ``{"train": ["data/train-*.parquet"], "test": ["test.jsonl"]}``.
       out_dir: tfds data_dir to write into.
       name: dataset name ([a-z0-9_]+), the builder config; re-preparing the same name fails
         unless its folder is removed first (tfds never overwrites a prepared version).
-      policy: "error" (stop at the first bad row, naming file:line) or "skip" (count by reason).
+      policy: "error" (stop at the first bad row, naming file:line / file:row N) or "skip"
+        (count by reason). A file that cannot be read (`records.BadFile`) stops both.
+      row_format: which columns make the conversation and which are kept as metadata;
+        default: recognise ``messages`` / ``conversations`` / ``prompt``+``response``.
     Returns:
       ``(dataset_dir, policy)``: the version folder to pass as ``source``, and the policy with
       its skip counts.
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"dataset name {name!r} must match {_NAME_RE.pattern}")
+    fmt = row_format or records.RowFormat()
+    files = {}
     for split, paths in split_files.items():
         if not paths:
             raise ValueError(f"split {split!r} has no files")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"split {split!r}: no such file {p!r}")
+        try:
+            files[split] = [os.path.abspath(p) for p in readers.expand_paths(paths)]
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"split {split!r}: {err}") from None
+        for p in files[split]:  # unreadable shards and missing columns fail before any work
+            if policy == "error":
+                readers.check_file(p, fmt)
+            elif p.endswith(".parquet"):
+                readers.open_parquet(p)
     pol = records.Policy(policy)
     builder = JsonlSft(
-        split_files={k: [os.path.abspath(p) for p in v] for k, v in split_files.items()},
+        split_files=files,
         policy=pol,
+        row_format=fmt,
         data_dir=out_dir,
         config=tfds.core.BuilderConfig(name=name, version=VERSION),
         file_format="array_record",
@@ -175,9 +211,14 @@ def prepare_dataset(split_files: Mapping[str, Sequence[str]], out_dir: str, name
     if os.path.exists(builder.data_dir):
         raise FileExistsError(f"dataset already prepared at {builder.data_dir}; remove it first")
     builder.info.metadata["policy"] = policy
-    builder.info.metadata["files"] = {k: [os.path.abspath(p) for p in v]
-                                      for k, v in split_files.items()}
-    builder.download_and_prepare()
+    builder.info.metadata["files"] = files
+    builder.info.metadata["row_format"] = fmt.describe()
+    try:
+        builder.download_and_prepare()
+    except AssertionError as err:  # tfds: "No examples were yielded." for an empty split
+        if "No examples were yielded" not in str(err):
+            raise
+        raise ValueError(f"a split of {name!r} has no valid rows; {pol.summary()}") from None
     # The skip counts are known only once every row was read: write the info again with them.
     builder.info.metadata["skipped"] = dict(pol.counts)
     builder.info.write_to_directory(builder.data_dir)

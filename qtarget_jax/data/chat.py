@@ -18,7 +18,7 @@ supervised label sits at the position of the last header token (``\\n`` after ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -65,7 +65,8 @@ def assistant_spans(tokenizer: Any, conv: Conversation, where: str) -> tuple[str
         if m["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], gen_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], gen_prompt=False)
+        through = (full if i == len(messages) - 1   # the same render: skip it
+                   else _render(tokenizer, messages[: i + 1], gen_prompt=False))
         if not (full.startswith(through) and through.startswith(before)):
             raise ValueError(
                 f"{where}: chat template is not prefix-stable at messages[{i}]: rendering the "
@@ -78,13 +79,8 @@ def assistant_spans(tokenizer: Any, conv: Conversation, where: str) -> tuple[str
     return full, spans
 
 
-def tokenize_conversation(tokenizer: Any, conv: Conversation, where: str
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns ``(ids [n] int32, mask [n] bool)`` for the rendered conversation.
-
-    ``mask[j]`` is True for tokens of an assistant span. Special tokens come from the template
-    text itself (``add_special_tokens=False``), so nothing is added twice.
-    """
+def _pieces(tokenizer: Any, conv: Conversation, where: str) -> list[tuple[str, bool]]:
+    """The rendered text cut at the assistant spans: ``[(text, supervised), ...]``."""
     full, spans = assistant_spans(tokenizer, conv, where)
     cuts, pos = [], 0
     for start, end in spans:
@@ -92,16 +88,52 @@ def tokenize_conversation(tokenizer: Any, conv: Conversation, where: str
         cuts.append((full[start:end], True))
         pos = end
     cuts.append((full[pos:], False))
-    pieces = [(text, sup) for text, sup in cuts if text]
-    texts = [t for t, _ in pieces]
+    return [(text, sup) for text, sup in cuts if text]
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # same ids as tokenizer(texts), without its per-call overhead
-        encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _join(pieces: list[tuple[str, bool]], encoded: Sequence[list[int]]
+          ) -> tuple[np.ndarray, np.ndarray]:
     ids = np.concatenate([np.asarray(e, np.int32) for e in encoded])
     mask = np.concatenate([np.full(len(e), sup, bool) for e, (_, sup) in zip(encoded, pieces)])
     return ids, mask
+
+
+def tokenize_conversation(tokenizer: Any, conv: Conversation, where: str
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(ids [n] int32, mask [n] bool)`` for the rendered conversation.
+
+    ``mask[j]`` is True for tokens of an assistant span. Special tokens come from the template
+    text itself (``add_special_tokens=False``), so nothing is added twice.
+    """
+    pieces = _pieces(tokenizer, conv, where)
+    return _join(pieces, _encode(tokenizer, [t for t, _ in pieces]))
+
+
+def tokenize_conversations(tokenizer: Any, items: Sequence[tuple[str, Conversation]]
+                           ) -> list[tuple[np.ndarray, np.ndarray] | BadRow]:
+    """`tokenize_conversation` of many ``(where, conversation)`` items with ONE batched encode
+    (the Rust tokenizer spreads a batch over its threads). Returns, per item, ``(ids, mask)``
+    or the `BadRow` it raised, in order; the same ids as one call per item."""
+    out: list[Any] = [None] * len(items)
+    cut = []
+    for k, (where, conv) in enumerate(items):
+        try:
+            cut.append((k, _pieces(tokenizer, conv, where)))
+        except BadRow as err:
+            out[k] = err
+    encoded = _encode(tokenizer, [t for _, pieces in cut for t, _ in pieces])
+    pos = 0
+    for k, pieces in cut:
+        out[k] = _join(pieces, encoded[pos:pos + len(pieces)])
+        pos += len(pieces)
+    return out
 
 
 def to_training_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, *, truncate: bool,

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from qtarget_jax.data import chat, packing, records, sources
 
 log = logging.getLogger(__name__)
+_TOKENIZE_CHUNK = 2048  # records read and held as text at a time (one worker task)
 
 
 @dataclasses.dataclass
@@ -43,11 +44,56 @@ class TokenizedSplit:
     num_truncated: int
 
 
+def _tokenize_records(data_source: Any, indices: Sequence[int], tokenizer: Any, *, name: str,
+                      seq_len: int, truncate: bool, field_map: Mapping[str, str] | None
+                      ) -> list[chat.TokenizedExample | records.BadRow]:
+    """Reads, validates and tokenises records ``indices``: per record, in order, its example
+    or the `BadRow` it is (returned for the caller's policy, not handled here)."""
+    out: list[Any] = []
+    convs = []
+    for i, where, rec in sources.read_records(data_source, indices, name=name):
+        try:
+            convs.append((len(out), where, sources.record_to_conversation(rec, where, field_map)))
+            out.append(None)
+        except records.BadRow as err:
+            out.append(err)
+    tokenized = chat.tokenize_conversations(tokenizer, [(w, c) for _, w, c in convs])
+    for (k, where, _), got in zip(convs, tokenized):
+        if not isinstance(got, records.BadRow):
+            try:
+                got = chat.to_training_example(*got, seq_len, truncate=truncate, where=where)
+            except records.BadRow as err:
+                got = err
+        out[k] = got
+    return out
+
+
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(source: str, split: str, data_dir: str | None, tokenizer: Any,
+                 kwargs: dict) -> None:
+    _worker.update(ds=sources.open_split(source, split, data_dir=data_dir),
+                   tokenizer=tokenizer, kwargs=kwargs)
+
+
+def _worker_chunk(indices: Sequence[int]) -> list:
+    out = _tokenize_records(_worker["ds"], indices, _worker["tokenizer"], **_worker["kwargs"])
+    # BadRow pickles badly (its __init__ takes three arguments): send its parts.
+    return [(g.reason, g.where, g.detail) if isinstance(g, records.BadRow) else g for g in out]
+
+
 def tokenize_split(source: str, tokenizer: Any, *, split: str, seq_len: int,
                    data_dir: str | None = None, policy: str = "error", truncate: bool = False,
                    field_map: Mapping[str, str] | None = None, process_index: int = 0,
-                   process_count: int = 1) -> TokenizedSplit:
-    """Reads this process's shard of ``split`` and tokenises it (see `chat`)."""
+                   process_count: int = 1, num_workers: int = 0) -> TokenizedSplit:
+    """Reads this process's shard of ``split`` and tokenises it (see `chat`).
+
+    Records are read and tokenised a chunk at a time (only the token arrays are kept).
+    ``num_workers > 1`` spreads the chunks over that many worker processes (spawned; each
+    opens the split and gets a copy of the tokenizer); the result, bad-row handling included,
+    is the same as with one process, in the same order.
+    """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     if seq_len < 2:
@@ -55,18 +101,36 @@ def tokenize_split(source: str, tokenizer: Any, *, split: str, seq_len: int,
     ds = sources.open_split(source, split, data_dir=data_dir)
     pol = records.Policy(policy)
     indices = range(process_index, len(ds), process_count)
-    convs = sources.read_conversations(ds, indices, name=f"{source}:{split}", policy=pol,
-                                       field_map=field_map)
+    chunks = [indices[start:start + _TOKENIZE_CHUNK]
+              for start in range(0, len(indices), _TOKENIZE_CHUNK)]
+    kwargs = dict(name=f"{source}:{split}", seq_len=seq_len, truncate=truncate,
+                  field_map=field_map)
     examples, truncated = [], 0
-    for _, where, conv in convs:
-        try:
-            ids, mask = chat.tokenize_conversation(tokenizer, conv, where)
-            ex = chat.to_training_example(ids, mask, seq_len, truncate=truncate, where=where)
-        except records.BadRow as err:
-            pol.handle(err)
-            continue
-        truncated += ex.truncated
-        examples.append(ex)
+
+    def consume(results):
+        nonlocal truncated
+        for got in results:
+            if isinstance(got, tuple):
+                got = records.BadRow(*got)
+            if isinstance(got, records.BadRow):
+                pol.handle(got)
+                continue
+            truncated += got.truncated
+            examples.append(got)
+
+    if num_workers > 1 and len(chunks) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(source, split, data_dir, tokenizer, kwargs)) as pool:
+            for results in pool.map(_worker_chunk, chunks):
+                consume(results)
+    else:
+        for chunk in chunks:
+            consume(_tokenize_records(ds, chunk, tokenizer, **kwargs))
     if pol.counts:
         log.warning("%s split %r: %s", source, split, pol.summary())
     lengths = np.array([len(e) for e in examples], np.int64)
@@ -187,7 +251,7 @@ def make_sft_iterator(source: str, tokenizer: Any, *, seq_len: int, batch_size: 
                       process_count: int | None = None, split: str = "train",
                       data_dir: str | None = None, policy: str = "error",
                       truncate: bool = False, field_map: Mapping[str, str] | None = None,
-                      pack_window: int = 8) -> SftIterator:
+                      pack_window: int = 8, num_workers: int = 0) -> SftIterator:
     """The training stream. ``batch_size`` is GLOBAL; each batch has batch_size/P rows.
 
     Args:
@@ -200,6 +264,8 @@ def make_sft_iterator(source: str, tokenizer: Any, *, seq_len: int, batch_size: 
       policy: "error" | "skip" for bad rows; truncate: cut too-long responses instead of
         treating the row as bad (see `chat.to_training_example`).
       pack_window: open rows in first-fit packing.
+      num_workers: processes that tokenise the shard when the iterator is built (0 or 1: this
+        one); the same examples either way.
     Returns:
       `SftIterator`: ``next(it)`` -> dict of [batch_size/P, seq_len] arrays (design.md),
       ``get_state()`` / ``set_state()``.
@@ -208,7 +274,7 @@ def make_sft_iterator(source: str, tokenizer: Any, *, seq_len: int, batch_size: 
     _local_batch(batch_size, pc)
     data = tokenize_split(source, tokenizer, split=split, seq_len=seq_len, data_dir=data_dir,
                           policy=policy, truncate=truncate, field_map=field_map,
-                          process_index=pi, process_count=pc)
+                          process_index=pi, process_count=pc, num_workers=num_workers)
     return SftIterator(data, seq_len=seq_len, batch_size=batch_size, seed=seed, pack=pack,
                        pack_window=pack_window, process_index=pi, process_count=pc)
 
@@ -217,11 +283,12 @@ def make_eval_iterator(source: str, tokenizer: Any, *, seq_len: int, batch_size:
                        split: str = "test", process_index: int | None = None,
                        process_count: int | None = None, data_dir: str | None = None,
                        policy: str = "error", truncate: bool = False,
-                       field_map: Mapping[str, str] | None = None) -> EvalIterator:
+                       field_map: Mapping[str, str] | None = None,
+                       num_workers: int = 0) -> EvalIterator:
     """One deterministic pass over ``split`` (see `EvalIterator`); ``batch_size`` is global."""
     pi, pc = _processes(process_index, process_count)
     _local_batch(batch_size, pc)
     data = tokenize_split(source, tokenizer, split=split, seq_len=seq_len, data_dir=data_dir,
                           policy=policy, truncate=truncate, field_map=field_map,
-                          process_index=pi, process_count=pc)
+                          process_index=pi, process_count=pc, num_workers=num_workers)
     return EvalIterator(data, seq_len=seq_len, batch_size=batch_size, process_count=pc)

@@ -1,14 +1,19 @@
 """Rows of user data: parse, validate and normalise to a conversation.
 
-Two JSONL row formats are accepted (one JSON object per line):
+A row is a JSON object (a JSONL line) or a Parquet row as a dict. Without a `RowFormat`, a
+row is recognised by its keys, in this order:
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+- ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}``
 - prompt/response: ``{"prompt": str, "response": str}`` -> ``[user: prompt, assistant: response]``
 
-Other top-level keys (e.g. ``"id"``, ``"meta"``) are allowed and not used. Every problem is a
-`BadRow` carrying a short machine-readable ``reason`` (the key that skip counts are grouped by)
-and where it happened (``file:line``). `Policy` decides what happens to a bad row: ``"error"``
-(default) raises, ``"skip"`` counts it by reason; nothing is ever dropped silently.
+A `RowFormat` names the columns instead (``problem``/``solution``, a system prompt...). Other
+keys (e.g. ``"id"``, ``"source"``) are not used; `RowFormat.keep` copies some into metadata.
+Every problem is a `BadRow` carrying a short machine-readable ``reason`` (the key that skip
+counts are grouped by) and where it happened (``file:line`` or ``file:row N``). `Policy`
+decides what happens to a bad row: ``"error"`` (default) raises, ``"skip"`` counts it by
+reason; nothing is ever dropped silently. A file that cannot be read at all (a truncated
+Parquet or gzip shard) is a `BadFile`, raised under both policies.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ POLICIES = ("error", "skip")
 
 # Reasons a row can be rejected (the keys of the skip counts).
 REASONS = (
+    "bad_encoding",       # the line is not valid UTF-8
     "malformed_json",     # the line is not a JSON object
-    "bad_fields",         # missing, extra-ambiguous or non-string fields
+    "bad_fields",         # missing, null or non-string fields (or columns)
     "unknown_role",       # a role outside ROLES
     "no_assistant_turn",  # nothing to supervise
     "empty_response",     # an assistant turn with empty / whitespace-only content
@@ -53,6 +59,16 @@ class BadRow(ValueError):
         super().__init__(f"{where}: {reason}: {detail}")
 
 
+class BadFile(ValueError):
+    """A file that cannot be read (truncated, corrupt, not Parquet/gzip). Never skipped: the
+    number of rows it held is unknown, so a skip count could not say what was lost."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
 class Policy:
     """What to do with a `BadRow`: raise (``"error"``) or count and skip (``"skip"``).
 
@@ -67,11 +83,11 @@ class Policy:
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}
 
-    def handle(self, err: BadRow) -> None:
-        """Raise ``err`` under "error"; count it under "skip"."""
+    def handle(self, err: BadRow, rows: int = 1) -> None:
+        """Raise ``err`` under "error"; count it (as ``rows`` rows) under "skip"."""
         if self.mode == "error":
             raise err
-        self.counts[err.reason] += 1
+        self.counts[err.reason] += rows
         self.examples.setdefault(err.reason, str(err))
 
     def summary(self) -> str:
@@ -111,65 +127,181 @@ def _check_conversation(messages: Sequence[Message], where: str) -> Conversation
     return tuple(messages)
 
 
-def row_to_conversation(row: Any, where: str) -> Conversation:
-    """Validates one decoded row (a dict) and returns its conversation.
+# ShareGPT speakers -> our roles ("human"/"gpt" in ShareGPT exports; some use our names).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 
-    Args:
-      row: the decoded JSON object (or a tfds record dict: text may be bytes, and ``messages``
-        may be a dict of parallel arrays ``{"role": [...], "content": [...]}``).
-      where: location for messages, e.g. ``"train.jsonl:12"``.
-    Raises:
-      BadRow: with the reason and location.
+
+@dataclasses.dataclass(frozen=True)
+class RowFormat:
+    """Which columns of a row make the conversation. All ``None``: recognise it by its keys.
+
+    messages: column of ``[{role, content}]`` (or ShareGPT ``[{from, value}]``) lists.
+    prompt / response: columns of the user and assistant text (both or neither).
+    system: column of a per-row system prompt (prompt/response rows).
+    system_prompt: fixed text, added as the first (system) turn of every conversation that
+      has none.
+    keep: columns copied as they are into the example's metadata (e.g. ``source``, ``answer``).
     """
-    if not isinstance(row, Mapping):
-        raise BadRow("malformed_json", where,
-                     f"a row must be a JSON object, got {type(row).__name__}")
-    has_chat, has_pr = "messages" in row, ("prompt" in row or "response" in row)
-    if has_chat and has_pr:
-        raise BadRow("bad_fields", where, "row has both 'messages' and 'prompt'/'response'")
-    if has_pr:
-        prompt = _require_str(row, "prompt", where, "row")
-        response = _require_str(row, "response", where, "row")
-        return _check_conversation(
-            [Message("user", prompt), Message("assistant", response)], where)
-    if not has_chat:
-        raise BadRow("bad_fields", where,
-                     f"row needs 'messages' or 'prompt'+'response', has keys {sorted(row)}")
-    raw = row["messages"]
+    messages: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+    system: str | None = None
+    system_prompt: str | None = None
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if (self.prompt is None) != (self.response is None):
+            raise ValueError("a row format needs both a prompt and a response column "
+                             f"(got prompt={self.prompt!r}, response={self.response!r})")
+        if self.messages is not None and self.prompt is not None:
+            raise ValueError("a row format takes a messages column or prompt/response "
+                             f"columns, not both ({self.messages!r}, {self.prompt!r})")
+        if self.system is not None and self.prompt is None:
+            raise ValueError("a system column goes with prompt/response columns")
+
+    @property
+    def explicit(self) -> bool:
+        """True when the columns are named (no recognition by keys)."""
+        return self.messages is not None or self.prompt is not None
+
+    def columns_for(self, names: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``(columns to read, required columns missing from names)`` for a file's columns.
+
+        Explicit formats need their columns; recognition picks the first of ``messages``,
+        ``conversations``, ``prompt`` + ``response`` the file has. ``keep`` columns are always
+        needed.
+        """
+        if self.messages is not None:
+            want = [self.messages]
+        elif self.prompt is not None:
+            want = [self.prompt, self.response] + ([self.system] if self.system else [])
+        elif "messages" in names:
+            want = ["messages"]
+        elif "conversations" in names:
+            want = ["conversations"]
+        else:
+            want = ["prompt", "response"]
+        want = want + [c for c in self.keep if c not in want]
+        return want, [c for c in want if c not in names]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary kept in the prepared dataset's metadata."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, ())}
+
+
+def _message_list(raw: Any, key: str, where: str) -> list[Message]:
+    """``[{role, content}]`` or ShareGPT ``[{from, value}]`` entries -> Messages."""
     if isinstance(raw, Mapping):  # tfds Sequence({"role", "content"}) -> dict of arrays
         roles, contents = raw.get("role"), raw.get("content")
         if roles is None or contents is None or len(roles) != len(contents):
-            raise BadRow("bad_fields", where, "'messages' dict needs equal-length role/content")
+            raise BadRow("bad_fields", where, f"{key!r} dict needs equal-length role/content")
         raw = [{"role": r, "content": c} for r, c in zip(roles, contents)]
     if not isinstance(raw, (list, tuple)):
-        raise BadRow("bad_fields", where,
-                     f"'messages' must be a list, got {type(raw).__name__}")
+        raise BadRow("bad_fields", where, f"{key!r} must be a list, got {type(raw).__name__}")
     messages = []
     for i, m in enumerate(raw):
+        what = f"{key}[{i}]"
         if not isinstance(m, Mapping):
-            raise BadRow("bad_fields", where,
-                         f"messages[{i}] must be an object, got {type(m).__name__}")
-        role = _require_str(m, "role", where, f"messages[{i}]")
-        content = _require_str(m, "content", where, f"messages[{i}]")
-        messages.append(Message(role, content))
+            raise BadRow("bad_fields", where, f"{what} must be an object, got {type(m).__name__}")
+        if "from" in m and "role" not in m:  # ShareGPT
+            speaker = _require_str(m, "from", where, what)
+            if speaker not in SHAREGPT_ROLES:
+                raise BadRow("unknown_role", where, f"{what}.from={speaker!r}, expected one "
+                             f"of {tuple(SHAREGPT_ROLES)}")
+            messages.append(Message(SHAREGPT_ROLES[speaker],
+                                    _require_str(m, "value", where, what)))
+        else:
+            messages.append(Message(_require_str(m, "role", where, what),
+                                    _require_str(m, "content", where, what)))
+    return messages
+
+
+def row_to_conversation(row: Any, where: str, fmt: RowFormat | None = None) -> Conversation:
+    """Validates one decoded row (a dict) and returns its conversation.
+
+    Args:
+      row: the decoded JSON object or Parquet row (or a tfds record dict: text may be bytes,
+        and ``messages`` may be a dict of parallel arrays ``{"role": [...], "content": [...]}``).
+      where: location for messages, e.g. ``"train.jsonl:12"`` or ``"a.parquet:row 7"``.
+      fmt: the columns to use; default: recognise the row by its keys (module doc).
+    Raises:
+      BadRow: with the reason and location.
+    """
+    fmt = fmt or _AUTO
+    if not isinstance(row, Mapping):
+        raise BadRow("malformed_json", where,
+                     f"a row must be a JSON object, got {type(row).__name__}")
+    if fmt.messages is not None:
+        if fmt.messages not in row:
+            raise BadRow("bad_fields", where, f"row has no {fmt.messages!r} field "
+                         f"(keys: {sorted(row)})")
+        messages = _message_list(row[fmt.messages], fmt.messages, where)
+    elif fmt.prompt is not None:
+        messages = [Message("user", _require_str(row, fmt.prompt, where, "row")),
+                    Message("assistant", _require_str(row, fmt.response, where, "row"))]
+        if fmt.system is not None:
+            messages.insert(0, Message("system", _require_str(row, fmt.system, where, "row")))
+    elif "messages" in row:
+        messages = _message_list(row["messages"], "messages", where)
+    elif "conversations" in row:
+        messages = _message_list(row["conversations"], "conversations", where)
+    elif "prompt" in row or "response" in row:
+        messages = [Message("user", _require_str(row, "prompt", where, "row")),
+                    Message("assistant", _require_str(row, "response", where, "row"))]
+    else:
+        raise BadRow("bad_fields", where,
+                     f"row needs 'messages', 'conversations' or 'prompt'+'response', has keys "
+                     f"{sorted(row)}; name other columns with a row format (--prompt-column "
+                     "... --response-column ..., or --messages-column ...)")
+    if fmt.system_prompt is not None and not (messages and messages[0].role == "system"):
+        messages.insert(0, Message("system", fmt.system_prompt))
     return _check_conversation(messages, where)
 
 
-def parse_jsonl_line(line: str, where: str) -> Conversation:
-    """Parses and validates one JSONL line; raises `BadRow` naming ``where``."""
+def row_metadata(row: Mapping[str, Any], where: str, keep: Sequence[str]) -> dict[str, Any]:
+    """The ``keep`` columns of a row, as they are; a missing one is a ``bad_fields`` BadRow."""
+    out = {}
+    for key in keep:
+        if key not in row:
+            raise BadRow("bad_fields", where, f"row has no {key!r} field to keep "
+                         f"(keys: {sorted(row)})")
+        out[key] = row[key]
+    return out
+
+
+_AUTO = RowFormat()
+
+
+def parse_json(line: str | bytes, where: str) -> Any:
+    """Decodes one JSONL line (UTF-8 bytes or text; a leading byte-order mark is dropped);
+    raises `BadRow` naming ``where``."""
+    if isinstance(line, bytes):
+        line = line.removeprefix(b"\xef\xbb\xbf")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRow("bad_encoding", where, f"not UTF-8: byte 0x{line[e.start]:02x} at "
+                         f"column {e.start + 1}") from None
     try:
-        row = json.loads(line)
+        return json.loads(line.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
         raise BadRow("malformed_json", where, f"{e.msg} at column {e.colno}") from None
-    return row_to_conversation(row, where)
+
+
+def parse_jsonl_line(line: str | bytes, where: str, fmt: RowFormat | None = None
+                     ) -> Conversation:
+    """Parses and validates one JSONL line; raises `BadRow` naming ``where``."""
+    return row_to_conversation(parse_json(line, where), where, fmt)
 
 
 def read_jsonl(path: str, policy: Policy) -> Iterator[tuple[str, Conversation]]:
-    """Yields ``(where, conversation)`` for each valid non-blank line of ``path``.
+    """Yields ``(where, conversation)`` for each valid non-blank line of a plain JSONL file.
 
-    Bad rows go to ``policy`` (raise or count). Blank lines are ignored.
+    Bad rows go to ``policy`` (raise or count). Blank lines are ignored. `readers.read_rows`
+    reads every supported format (gzip, Parquet, row formats, kept columns).
     """
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

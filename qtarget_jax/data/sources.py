@@ -57,24 +57,36 @@ def record_to_conversation(record: Mapping[str, Any], where: str,
     return records.row_to_conversation(row, where)
 
 
-def read_conversations(data_source: Sequence[Any], indices: Sequence[int], *, name: str,
-                       policy: records.Policy, field_map: Mapping[str, str] | None = None
-                       ) -> list[tuple[int, str, records.Conversation]]:
-    """Reads and validates records ``indices``; returns ``[(index, where, conversation)]``.
+def read_records(data_source: Sequence[Any], indices: Sequence[int], *, name: str
+                 ) -> list[tuple[int, str, Mapping[str, Any]]]:
+    """Reads records ``indices`` (in batches); returns ``[(index, where, record)]``.
 
     ``where`` is the record's own ``source`` feature when present (``file.jsonl:LINE``), else
-    ``"<name>[index]"``. Bad records go to ``policy``.
+    ``"<name>[index]"``.
     """
-    out = []
     indices = [int(i) for i in indices]
     recs = []
     for start in range(0, len(indices), _READ_CHUNK):
         chunk = indices[start:start + _READ_CHUNK]
         getitems = getattr(data_source, "__getitems__", None)
         recs.extend(getitems(chunk) if getitems else [data_source[i] for i in chunk])
+    out = []
     for i, rec in zip(indices, recs):
         where = rec.get("source", None)
         where = where.decode() if isinstance(where, bytes) else (where or f"{name}[{i}]")
+        out.append((i, where, rec))
+    return out
+
+
+def read_conversations(data_source: Sequence[Any], indices: Sequence[int], *, name: str,
+                       policy: records.Policy, field_map: Mapping[str, str] | None = None
+                       ) -> list[tuple[int, str, records.Conversation]]:
+    """Reads and validates records ``indices``; returns ``[(index, where, conversation)]``.
+
+    ``where`` as in `read_records`. Bad records go to ``policy``.
+    """
+    out = []
+    for i, where, rec in read_records(data_source, indices, name=name):
         try:
             out.append((i, where, record_to_conversation(rec, where, field_map)))
         except records.BadRow as err:

@@ -54,6 +54,20 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     return None, "none"
 
 
+def gold_answer(text: str) -> tuple[str | None, str]:
+    """(gold answer, method) of a reference answer column: the `#### N` of a GSM8K answer, the
+    `\\boxed{X}` of a MATH solution, else the whole text stripped ("plain": MATH-500's
+    `answer` column holds the bare answer, e.g. `\\frac{14}{3}`, whose last number is not it).
+    (None, "none") for empty text."""
+    found = _HASH_RE.findall(text)
+    if found:
+        return found[-1].strip(), "hash"
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip(), "boxed"
+    return (text.strip(), "plain") if text.strip() else (None, "none")
+
+
 def normalize_answer(answer: str) -> str | None:
     """Canonical text of an answer: numbers as reduced fractions or integers ("1,000.50" ->
     "2001/2", "-0" -> "0", "3/6" -> "1/2"), after dropping $, %, commas, spaces, a trailing dot

@@ -169,7 +169,8 @@ def train_iterator(data: DataSection, tokenizer: Any):
     from qtarget_jax.data import make_sft_iterator
     return make_sft_iterator(data.path, tokenizer, seq_len=data.seq_len,
                              batch_size=data.batch_size, seed=data.seed, pack=data.pack,
-                             split=data.train_split, truncate=data.truncate)
+                             split=data.train_split, truncate=data.truncate,
+                             num_workers=data.tokenize_workers)
 
 
 def eval_batches(data: DataSection, tokenizer: Any, max_batches: int) -> list[dict]:
@@ -177,7 +178,7 @@ def eval_batches(data: DataSection, tokenizer: Any, max_batches: int) -> list[di
     from qtarget_jax.data import make_eval_iterator
     it = make_eval_iterator(data.path, tokenizer, seq_len=data.seq_len,
                             batch_size=data.batch_size, split=data.eval_split,
-                            truncate=data.truncate)
+                            truncate=data.truncate, num_workers=data.tokenize_workers)
     out = []
     for batch in it:
         if len(out) == max_batches:

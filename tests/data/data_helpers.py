@@ -1,4 +1,5 @@
-"""Helpers for tests/data: a tiny byte-level BPE tokenizer with a ChatML template, JSONL rows.
+"""Helpers for tests/data: a tiny byte-level BPE tokenizer with a ChatML template, JSONL rows,
+NuminaMath-CoT-style Parquet files.
 
 The template mirrors the SmolLM2 shape (a default system turn when none is given,
 ``<|im_start|>role\\ncontent<|im_end|>\\n``), so masking is tested on the same layout.
@@ -53,3 +54,24 @@ def chat_row(user, assistant, system=None):
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return {"messages": msgs}
+
+
+def numina_rows(n, start=0):
+    """Rows with NuminaMath-CoT's columns: source, problem, solution, messages."""
+    out = []
+    for i in range(start, start + n):
+        problem, solution = f"What is {i} + 1?", f"{i} + 1 = {i + 1}, so $\\boxed{{{i + 1}}}$."
+        out.append({"source": "olympiads" if i % 2 else "cn_k12", "problem": problem,
+                    "solution": solution,
+                    "messages": [{"content": problem, "role": "user"},
+                                 {"content": solution, "role": "assistant"}]})
+    return out
+
+
+def write_parquet(path, rows, row_group_size=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=row_group_size)
+    return str(path)

@@ -161,3 +161,27 @@ def test_too_long_rows_error_skip_truncate(prepared, tiny_tokenizer):
     cut = pipeline.tokenize_split(prepared["path"], tiny_tokenizer, truncate=True, **kw)
     assert cut.num_truncated == n_long and len(cut.examples) == 40
     assert cut.lengths.max() == 40
+
+
+def test_worker_processes_give_the_serial_result(tmp_path, tiny_tokenizer, monkeypatch):
+    """num_workers=2 (spawned processes, 3 chunks): the same examples, order and skip counts,
+    and under "error" the same first bad row, as one process."""
+    from data_helpers import chat_row, write_jsonl
+
+    from qtarget_jax.data import builder
+
+    rows = [chat_row(f"q{i}", f"a {i}") for i in range(9)]
+    rows[4] = chat_row("q", "x " * 200)                       # too long at T=128
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds, _ = builder.prepare_dataset({"train": [path]}, str(tmp_path / "o"), "w")
+    monkeypatch.setattr(pipeline, "_TOKENIZE_CHUNK", 4)
+    kw = dict(split="train", seq_len=T, policy="skip")
+    one = pipeline.tokenize_split(ds, tiny_tokenizer, **kw)
+    two = pipeline.tokenize_split(ds, tiny_tokenizer, num_workers=2, **kw)
+    assert dict(one.policy.counts) == dict(two.policy.counts) == {"too_long": 1}
+    assert len(one.examples) == len(two.examples) == 8
+    for a, b in zip(one.examples, two.examples):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    with pytest.raises(records.BadRow, match=r"d\.jsonl:5: too_long"):
+        pipeline.tokenize_split(ds, tiny_tokenizer, split="train", seq_len=T, num_workers=2)
