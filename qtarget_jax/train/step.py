@@ -90,24 +90,30 @@ def hidden_loss(spec, normalization: str, normalizer: float | None = None,
                 sharding=None, real_vocab: Optional[int] = None) -> LossFn:
     """The fused Q-target loss from final hidden states [B, T, D] and the head [D, V]: logits
     exist only chunk by chunk; the teacher's chunks come from its own hidden states
-    [B, T, D_T] and head [D_T, V_T] (another width is fine), computed in this step."""
+    [B, T, D_T] and head [D_T, V_T] (another width is fine), computed in this step.
+
+    The heads go to the loss in their param dtype with `compute_dtype` = the hidden states'
+    dtype: the loss casts them tile by tile for the matmuls and returns dW in the param dtype,
+    so float32 master weights with bfloat16 compute get a float32 head (and tied embedding)
+    gradient, accumulated in float32, never rounded to bfloat16.
+    """
     from qtarget_jax.targets import fused_qtarget_loss_sums
 
     def loss_fn(model, batch, teacher):
         def hidden(m):
             return m(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
         h = hidden(model)
-        head = model.lm_head_kernel().astype(h.dtype)
+        head = model.lm_head_kernel()
         kw = {}
         if teacher is not None:
             t_h = jax.lax.stop_gradient(hidden(teacher))
-            t_head = jax.lax.stop_gradient(teacher.lm_head_kernel().astype(t_h.dtype))
+            t_head = jax.lax.stop_gradient(teacher.lm_head_kernel())
             t_h, t_head = teacher_head_for(t_h, t_head, head.shape[-1], real_vocab)
             kw = {"teacher_hidden": t_h, "teacher_lm_head": t_head}
         return fused_qtarget_loss_sums(h, head, batch["labels"], batch["loss_mask"], spec,
                                        weights=batch.get("weights"),
                                        normalization=normalization, normalizer=normalizer,
-                                       sharding=sharding, **kw)
+                                       sharding=sharding, compute_dtype=h.dtype, **kw)
     return loss_fn
 
 
