@@ -160,36 +160,24 @@ def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.
     return {k: split(v) for k, v in batch.items()}
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        tree)
-
-
-def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=None,
-                 compute_dtype: Any = None):
+def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=None):
     """(student, teacher or None) Modules from `params` and the frozen state.
 
-    The teacher's params pass through stop_gradient: it never receives a gradient. Casting:
-    the Decoder casts each weight to its compute dtype where it is used (ModelConfig.dtype), so
-    `compute_dtype` is None for it; a model that does not cast itself may ask for one cast of
-    all params here instead.
+    The teacher's params pass through stop_gradient: it never receives a gradient. No cast
+    happens here: params keep their param dtype and each layer casts a weight to its compute
+    dtype where it uses it (ModelConfig.compute_dtype), once.
     """
-    if compute_dtype is not None:
-        params = _cast(params, compute_dtype)
     model = nnx.merge(graphdef, params, state.rest)
     if state.teacher is None:
         return model, None
-    t_params = jax.lax.stop_gradient(state.teacher)
-    if compute_dtype is not None:
-        t_params = _cast(t_params, compute_dtype)
     teacher = nnx.merge(teacher_graphdef if teacher_graphdef is not None else graphdef,
-                        t_params, state.teacher_rest)
+                        jax.lax.stop_gradient(state.teacher), state.teacher_rest)
     return model, teacher
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
                tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
-               teacher_graphdef: Any = None, compute_dtype: Any = None,
+               teacher_graphdef: Any = None,
                param_shardings: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step over a global batch of [B, T] arrays (see module docstring).
 
@@ -199,8 +187,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
         # Modules are merged inside the differentiated function: nnx refuses graph nodes
         # created at another trace level.
         model, teacher = merge_models(state, params, graphdef=graphdef,
-                                      teacher_graphdef=teacher_graphdef,
-                                      compute_dtype=compute_dtype)
+                                      teacher_graphdef=teacher_graphdef)
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
@@ -240,7 +227,7 @@ def jit_train_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs
     """jax.jit of `train_step` with explicit in/out shardings and the state donated.
 
     kwargs: those of `train_step` (graphdef, teacher_graphdef, loss_fn, tx, schedule,
-    microbatches, compute_dtype).
+    microbatches).
     """
     step = functools.partial(train_step, param_shardings=shardings.params, **kwargs)
     return jax.jit(step, in_shardings=(shardings, batch_sharding),
@@ -248,12 +235,11 @@ def jit_train_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs
 
 
 def eval_sums(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
-              teacher_graphdef: Any = None, compute_dtype: Any = None) -> dict:
+              teacher_graphdef: Any = None) -> dict:
     """Summed loss and diagnostics over a [B, T] batch, no gradients: {"loss_sum" f32[],
     "denominator" f32[], "tokens" f32[], <diagnostic> f32[]}."""
     model, teacher = merge_models(state, state.params, graphdef=graphdef,
-                                  teacher_graphdef=teacher_graphdef,
-                                  compute_dtype=compute_dtype)
+                                  teacher_graphdef=teacher_graphdef)
     loss_sum, denom, sums = loss_fn(model, batch, teacher)
     return {"loss_sum": loss_sum, "denominator": denom, **sums}
 
@@ -261,7 +247,7 @@ def eval_sums(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, lo
 def make_eval_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs):
     """jax.jit of `eval_sums` with the train step's shardings (the state is not donated).
 
-    kwargs: graphdef, teacher_graphdef, loss_fn, compute_dtype (as `train_step`).
+    kwargs: graphdef, teacher_graphdef, loss_fn (as `train_step`).
     """
     return jax.jit(functools.partial(eval_sums, **kwargs),
                    in_shardings=(shardings, batch_sharding), out_shardings=rep_sharding)

@@ -18,10 +18,11 @@ def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None,
     mesh = mesh_lib.make_mesh(sizes, devices)
     tx, sched = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1, clip_norm=1.0),
                                ScheduleSection(warmup_steps=1), steps)
-    built = init_state(TinyLM(rngs=nnx.Rngs(0)), tx, mesh, RULES, seed=0)
+    built = init_state(TinyLM(rngs=nnx.Rngs(0), compute_dtype=compute_dtype), tx, mesh, RULES,
+                       seed=0)
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh),
                           graphdef=built.graphdef, loss_fn=ce_loss, tx=tx, schedule=sched,
-                          microbatches=microbatches, compute_dtype=compute_dtype)
+                          microbatches=microbatches)
     state, losses = built.state, []
     for i in range(steps):
         batch = batches[i] if batches else make_batch(i)
@@ -83,7 +84,8 @@ def test_float32_head_gradient_under_bfloat16_compute(tied):
     vocab, n_in = 64, 24  # input tokens < n_in: embedding rows >= n_in get only the head's grad
     cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                      tie_word_embeddings=tied, param_dtype="float32", dtype="bfloat16")
+                      tie_word_embeddings=tied, param_dtype="float32",
+                      compute_dtype="bfloat16")
     graphdef, params, rest = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     rng = np.random.default_rng(0)
     b, t = 2, 12
