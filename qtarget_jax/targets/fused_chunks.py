@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qtarget_jax import logical_axes
 from qtarget_jax.targets.losses import METRIC_NAMES, per_token_qtarget
 from qtarget_jax.targets.spec import TargetSpec
 
@@ -42,12 +43,21 @@ class ChunkSharding:
 
     Attributes:
       mesh: the device mesh.
-      token_axes: mesh axes that shard the C token rows of a chunk, e.g. ("data", "fsdp").
-      vocab_axis: mesh axis that shards the vocabulary (vocab-parallel head), or None.
+      token_axes: mesh axes that shard the C token rows of a chunk; default the "batch" rule
+        of `logical_axes.LOGICAL_RULES` (("data", "fsdp")).
+      vocab_axis: mesh axis that shards the vocabulary (vocab-parallel head), or None; default
+        the "vocab" rule ("tensor").
     """
     mesh: Mesh
-    token_axes: tuple[str, ...] = ("data", "fsdp")
-    vocab_axis: Optional[str] = "tensor"
+    token_axes: tuple[str, ...] = logical_axes.token_axes()
+    vocab_axis: Optional[str] = logical_axes.vocab_axis()
+
+    @classmethod
+    def from_rules(cls, mesh: Mesh, rules: logical_axes.Rules = logical_axes.LOGICAL_RULES
+                   ) -> "ChunkSharding":
+        """Token rows by the "batch" rule, the vocabulary by the "vocab" rule of `rules`."""
+        return cls(mesh, token_axes=logical_axes.token_axes(rules),
+                   vocab_axis=logical_axes.vocab_axis(rules))
 
     def __post_init__(self):
         names = self.token_axes + ((self.vocab_axis,) if self.vocab_axis else ())

@@ -117,23 +117,6 @@ def hidden_loss(spec, normalization: str, normalizer: float | None = None,
     return loss_fn
 
 
-def chunk_sharding(mesh, rules=None):
-    """The fused loss's ChunkSharding from the one rules table: token rows over the "batch"
-    rule's mesh axes, the vocabulary over the "vocab" rule's axis."""
-    from qtarget_jax.models.sharding import LOGICAL_RULES
-    from qtarget_jax.targets import ChunkSharding
-    table = dict(LOGICAL_RULES if rules is None else rules)
-    batch = table["batch"]
-    token_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-    vocab = table.get("vocab")
-    if isinstance(vocab, (tuple, list)):
-        if len(vocab) != 1:
-            raise ValueError(f"rules: the fused loss shards the vocabulary over one mesh axis, "
-                             f"got 'vocab' -> {vocab!r}")
-        vocab = vocab[0]
-    return ChunkSharding(mesh, token_axes=token_axes, vocab_axis=vocab)
-
-
 def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
                  normalizer: float | None = None, rules=None,
                  real_vocab: Optional[int] = None) -> LossFn:
@@ -144,10 +127,13 @@ def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
       real_vocab: the tokenizer's size when the head has padding rows past it (masked in the
         teacher's distribution); None: every head row is a real token.
     """
+    from qtarget_jax.logical_axes import LOGICAL_RULES
+    from qtarget_jax.targets import ChunkSharding
     if not fused:
         return logits_loss(spec, normalization, normalizer, real_vocab)
-    return hidden_loss(spec, normalization, normalizer,
-                       None if mesh is None else chunk_sharding(mesh, rules), real_vocab)
+    sharding = None if mesh is None else ChunkSharding.from_rules(
+        mesh, LOGICAL_RULES if rules is None else rules)
+    return hidden_loss(spec, normalization, normalizer, sharding, real_vocab)
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
