@@ -226,7 +226,8 @@ def test_mesh_load_reads_each_slice_once_not_per_device(tmp_path, monkeypatch):
 
 def test_compute_dtype_reaches_a_loaded_model(tmp_path):
     """model.compute_dtype bfloat16 on a pretrained source: float32 master params, bfloat16
-    activations (the layers cast to cfg.compute_dtype), logits within bf16 error of the float32 ones."""
+    activations (the layers cast to cfg.compute_dtype), logits within bf16 error of the float32
+    ones."""
     from qtarget_jax.config import ModelSection
     from qtarget_jax.train.build import build_model
 
