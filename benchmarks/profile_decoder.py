@@ -105,7 +105,7 @@ def main() -> None:
     from qtarget_jax.models.gguf_io import default_model_path
     from qtarget_jax.models.loading import cached_hf_folder, load_model
 
-    model, cfg, _ = load_model(cached_hf_folder(default_model_path()), dtype="float32")
+    model, cfg, _ = load_model(cached_hf_folder(default_model_path()), param_dtype="float32")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = params.to_pure_dict()
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1))

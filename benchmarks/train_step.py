@@ -81,7 +81,7 @@ def setup_jax(loss: str):
                           mesh_lib.replicated(mesh), graphdef=built.graphdef,
                           loss_fn=make_loss_fn(get_preset("sft"), "token",
                                                fused=loss == "fused", mesh=mesh),
-                          tx=tx, schedule=sched, microbatches=1, compute_dtype="float32")
+                          tx=tx, schedule=sched, microbatches=1)
     ids = _batch(cfg.vocab_size)
     batch = mesh_lib.global_batch({
         "tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((B, T), np.float32),

@@ -161,7 +161,7 @@ class Trainer:
                 # Full-logits loss (train's loss.fused=false): the same math as the fused
                 # default, and at this size on CPU the faster one (docs/performance.md).
                 graphdef=built.graphdef, loss_fn=logits_loss(spec, "token"), tx=tx,
-                schedule=schedule, microbatches=1, compute_dtype=np.float32)
+                schedule=schedule, microbatches=1)
         step_fn, state, losses, seen = self.steps[step_key], built.state, [], 0
         for batch, n in batches(data, cfg.batch_size, cfg.seq_len, steps, seed):
             state, metrics = step_fn(state, mesh_lib.global_batch(batch, self.mesh))

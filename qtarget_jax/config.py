@@ -7,7 +7,8 @@ such key is recorded in `LoadedConfig.overridden` so the run can report it, and 
 config is written next to every run (`save_resolved`).
 
 Unknown keys and values of the wrong type raise `ConfigError`, naming the source, the dotted key,
-the value and the closest valid key (difflib). Free-form sections (`model.config`, `loss.target`)
+the value and the closest valid key (difflib); a renamed key (`MOVED_KEYS`, e.g. `model.dtype`)
+names its replacement. Free-form sections (`model.config`, `loss.target`)
 are dicts checked by their consumers (ModelConfig, `targets.spec_from_dict`); they merge key by
 key, except that a mapping naming a "preset" replaces the previous one whole.
 """
@@ -170,6 +171,26 @@ class LoadedConfig:
     overridden: tuple[str, ...]  # "key: old (src) -> new (src)" for keys set twice differently
 
 
+# Keys that used to exist or that another key owns: dotted key -> what to write instead. One
+# dtype vocabulary: `param_dtype` (storage) and `compute_dtype` (activations), nothing else.
+_DTYPE_OWNERS = {
+    "dtype": "ModelConfig.dtype was renamed compute_dtype; write model.compute_dtype",
+    "compute_dtype": "write model.compute_dtype",
+    "param_dtype": "param dtypes are set by the trainer: float32 master weights for the "
+                   "student, model.teacher_dtype for the teacher",
+}
+MOVED_KEYS = {
+    "model.dtype": "was renamed model.compute_dtype (the activation dtype; the param dtype is "
+                   "float32 for the student, model.teacher_dtype for the teacher)",
+    **{f"model.{section}.{key}": f"is not set here: {why}"
+       for section in ("config", "teacher_config") for key, why in _DTYPE_OWNERS.items()},
+}
+
+
+def _moved(src: str, dotted: str) -> ConfigError:
+    return ConfigError(f"{src}: key '{dotted}' {MOVED_KEYS[dotted]}")
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -216,6 +237,8 @@ def _merge(base: dict, update: dict, cls, src: str, prov: dict, overridden: list
     types = _field_types(cls)
     for key, value in update.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED_KEYS:
+            raise _moved(src, dotted)
         if key not in fields:
             raise ConfigError(f"{src}: unknown key '{dotted}'" + _suggest(
                 dotted, [f"{prefix}{k}" for k in fields]))
@@ -227,6 +250,8 @@ def _merge(base: dict, update: dict, cls, src: str, prov: dict, overridden: list
             if "preset" in value:  # a new preset starts from its own defaults
                 base[key] = {}
             for sub, subval in value.items():  # free-form dicts merge key by key
+                if f"{dotted}.{sub}" in MOVED_KEYS:
+                    raise _moved(src, f"{dotted}.{sub}")
                 _set_leaf(base.setdefault(key, {}), sub, subval, f"{dotted}.{sub}", src, prov,
                           overridden)
             continue

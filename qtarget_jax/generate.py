@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
+
+from qtarget_jax.logical_axes import logical_to_spec
 
 Prompt = str | list[dict[str, str]]  # a user message, or a chat (list of role/content dicts)
 
@@ -239,7 +241,7 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
         its first prompt so every call has the same shape.
       eos_ids: token ids that end a row (default tokenizer.eos_token_id).
       names: one name per prompt for error messages (default "prompt[i]").
-      mesh: place each batch over the ("data", "fsdp") axes of this mesh.
+      mesh: place each batch over the "batch" rule's axes (LOGICAL_RULES) of this mesh.
       max_len: the context length (default model.cfg.max_position_embeddings).
     Raises:
       ValueError: a prompt whose tokens plus max_new_tokens exceed the context, naming it.
@@ -304,7 +306,7 @@ def generate_many(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
         width = min(width, context - first.max_new_tokens)
         arrays = left_pad(rows, pad_id, width)
         if mesh is not None:
-            sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+            sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
             arrays = tuple(jax.device_put(a, sharding) for a in arrays)
         out, length = decode(graphdef, state, *arrays, jax.random.fold_in(key, j),
                              max_new_tokens=first.max_new_tokens, eos_ids=eos,

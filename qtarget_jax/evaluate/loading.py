@@ -30,14 +30,12 @@ def _model_of_run(section) -> tuple[nnx.Module, Any]:
 
     def tokenizer_at(path):
         return tokenizer_from_gguf(path) if path.endswith(".gguf") else load_tokenizer(path)
-    changes = {**section.config, "dtype": section.compute_dtype}
+    changes = {**section.config, "compute_dtype": section.compute_dtype}
     if section.source == "init":
         cfg = ModelConfig(**changes)
         model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         return model, tokenizer_at(section.tokenizer or default_model_path())
-    compute = changes.pop("dtype")
-    model, _, tokenizer = load_model(section.source, param_dtype="float32",
-                                     compute_dtype=compute, **changes)
+    model, _, tokenizer = load_model(section.source, param_dtype="float32", **changes)
     if section.tokenizer:
         tokenizer = tokenizer_at(section.tokenizer)
     if tokenizer is None:

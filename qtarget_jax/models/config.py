@@ -60,7 +60,8 @@ class ModelConfig:
     sliding_window: int | None = None         # key at distance >= window is masked; None = off
     max_position_embeddings: int = 8192
     param_dtype: str = "float32"    # storage dtype of parameters, one of DTYPES
-    dtype: str = "float32"          # compute dtype of activations, one of DTYPES
+    compute_dtype: str = "float32"  # dtype of activations and matmul inputs, one of DTYPES;
+    #                                 each param is cast to it once, where a layer uses it
     remat_policy: str = "none"      # per-layer rematerialisation, one of REMAT_POLICIES
     scan_layers: bool = False       # nnx.scan over stacked layers (compile time flat in L)
 
@@ -88,7 +89,7 @@ class ModelConfig:
                 not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got "
                              f"{self.sliding_window!r}")
-        for name in ("param_dtype", "dtype"):
+        for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; "
                                  f"supported: {', '.join(DTYPES)}")

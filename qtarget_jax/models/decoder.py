@@ -83,7 +83,7 @@ class Decoder(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] (compute dtype) -> logits [..., V] float32."""
-        return jnp.einsum("...d,dv->...v", h, self.lm_head_kernel().astype(self.cfg.dtype),
+        return jnp.einsum("...d,dv->...v", h, self.lm_head_kernel().astype(self.cfg.compute_dtype),
                           preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, max_len: int,
@@ -145,7 +145,7 @@ class Decoder(nnx.Module):
             cache_segments = jax.lax.optimization_barrier(cache.segment_ids)
             cache_mask = attention_mask(q_index + cache.index, segment_ids, k_index,
                                         cache_segments, cfg.sliding_window)
-        x = self.embedder(tokens).astype(cfg.dtype)
+        x = self.embedder(tokens).astype(cfg.compute_dtype)
         kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
             x, new_kv = self._scan_layers(x, sin, cos, mask, kv, cache_mask)

@@ -147,7 +147,7 @@ class Attention(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  use_bias: bool, qk_norm: bool, norm_eps: float, param_dtype: jnp.dtype,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+                 compute_dtype: jnp.dtype, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be divisible by "
                              f"num_kv_heads ({num_kv_heads})")
@@ -168,12 +168,12 @@ class Attention(nnx.Module):
         if qk_norm:
             self.q_norm = RMSNorm(dh, "head_dim", norm_eps, param_dtype=param_dtype, rngs=rngs)
             self.k_norm = RMSNorm(dh, "head_dim", norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.num_kv_heads, self.head_dim, self.dtype = k, dh, dtype
+        self.num_kv_heads, self.head_dim, self.compute_dtype = k, dh, compute_dtype
 
     def _project(self, x_BTD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        out = jnp.einsum("btd,dnk->btnk", x_BTD, kernel[...].astype(self.dtype))
+        out = jnp.einsum("btd,dnk->btnk", x_BTD, kernel[...].astype(self.compute_dtype))
         if bias is not None:
-            out = out + bias[...].astype(self.dtype)[None, None]
+            out = out + bias[...].astype(self.compute_dtype)[None, None]
         return out
 
     def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
@@ -209,15 +209,17 @@ class Attention(nnx.Module):
             k_cache, v_cache, cache_mask = kv
             new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
             # This call's keys as a later step will read them back (cache dtype round trip).
-            parts = [(k_cache.astype(self.dtype), v_cache.astype(self.dtype), cache_mask, "bskh"),
-                     (new_kv[0].astype(self.dtype).transpose(0, 2, 1, 3),
-                      new_kv[1].astype(self.dtype).transpose(0, 2, 1, 3), mask_BTT, "bksh")]
+            cd = self.compute_dtype
+            parts = [(k_cache.astype(cd), v_cache.astype(cd), cache_mask, "bskh"),
+                     (new_kv[0].astype(cd).transpose(0, 2, 1, 3),
+                      new_kv[1].astype(cd).transpose(0, 2, 1, 3), mask_BTT, "bksh")]
         layouts = tuple(lay for *_, lay in parts)
-        out = jax.checkpoint(functools.partial(_attend, layouts=layouts, dtype=self.dtype))(
+        out = jax.checkpoint(functools.partial(_attend, layouts=layouts,
+                                               dtype=self.compute_dtype))(
             q_BKGTH, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
         out = out.reshape(b, h, t, dh).transpose(0, 2, 1, 3)            # [B, T, N, Dh]
         y = jnp.einsum("bthk,hkd->btd", out,
-                       self.o_proj[...].astype(self.dtype))
+                       self.o_proj[...].astype(self.compute_dtype))
         return y, new_kv
 
 
@@ -225,34 +227,36 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, param_dtype: jnp.dtype,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+                 compute_dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = hidden_size, intermediate_size
         self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), param_dtype)
         self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), param_dtype)
-        self.dtype = dtype
+        self.compute_dtype = compute_dtype
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
-        gate = x_BTD @ self.gate_proj[...].astype(self.dtype)
-        up = x_BTD @ self.up_proj[...].astype(self.dtype)
-        return jax.checkpoint(_swiglu)(gate, up) @ self.down_proj[...].astype(self.dtype)
+        gate = x_BTD @ self.gate_proj[...].astype(self.compute_dtype)
+        up = x_BTD @ self.up_proj[...].astype(self.compute_dtype)
+        down = self.down_proj[...].astype(self.compute_dtype)
+        return jax.checkpoint(_swiglu)(gate, up) @ down
 
 
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, "embed", cfg.rms_norm_eps, param_dtype=pdt,
                                  rngs=rngs)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               use_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
-                              norm_eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt, rngs=rngs)
+                              norm_eps=cfg.rms_norm_eps, param_dtype=pdt, compute_dtype=dt,
+                              rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, "embed", cfg.rms_norm_eps, param_dtype=pdt,
                                 rngs=rngs)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, dtype=dt,
-                       rngs=rngs)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt,
+                       compute_dtype=dt, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None

@@ -52,7 +52,7 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, param_dtype: str | None = 
         each device receiving only its slice.
       param_dtype: storage dtype of the params ('float32' / 'bfloat16'; ModelConfig.param_dtype);
         None = the checkpoint's own dtype when it is one of those, else float32.
-      compute_dtype: activation dtype (ModelConfig.dtype), e.g. 'bfloat16' with float32
+      compute_dtype: activation dtype (ModelConfig.compute_dtype), e.g. 'bfloat16' with float32
         params for mixed precision: each weight is cast once, where it is used; None = float32.
       allow_pickle: also read `pytorch_model*.bin` / `*.pt` (pickle, opt-in) when there are no
         safetensors.
@@ -62,7 +62,7 @@ def load_hf(folder: str, *, mesh: Mesh | None = None, param_dtype: str | None = 
     """
     hf_config = hf_io.read_hf_config(folder)
     if compute_dtype is not None:
-        cfg_override["dtype"] = compute_dtype
+        cfg_override["compute_dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_config(hf_config, **cfg_override)
     source = hf_io.open_hf_weights(folder, allow_pickle=allow_pickle)
     model = load_params(cfg, source, mesh=mesh,
@@ -80,7 +80,7 @@ def load_gguf(path: str, *, mesh: Mesh | None = None, param_dtype: str | None = 
     """
     source = GGUFSource(path)
     if compute_dtype is not None:
-        cfg_override["dtype"] = compute_dtype
+        cfg_override["compute_dtype"] = compute_dtype
     cfg = ModelConfig.from_hf_config(source.hf_config(), **cfg_override)
     model = load_params(cfg, source, mesh=mesh, param_dtype=param_dtype or "float32")
     return model, model.cfg, tokenizer_from_gguf(path, source.reader)

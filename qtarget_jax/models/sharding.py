@@ -1,8 +1,10 @@
-"""LOGICAL_RULES: the one table from logical axis names to mesh axes, and param shardings.
+"""Param shardings from the one rules table (`qtarget_jax.logical_axes.LOGICAL_RULES`).
 
 Mesh axes are ("data", "fsdp", "tensor") (docs/design.md). Every model parameter carries its
 logical axis names as `out_sharding` metadata (models/layers.py); `param_shardings` turns them
-into NamedShardings for a given Mesh and refuses dimensions that do not divide.
+into NamedShardings for a given Mesh and refuses dimensions that do not divide. LOGICAL_RULES,
+Rules and logical_to_spec are re-exported from `qtarget_jax.logical_axes`, where the table lives
+(so the fused loss reads it without importing models/).
 """
 from __future__ import annotations
 
@@ -13,35 +15,10 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# logical name -> mesh axis (str), several mesh axes (tuple), or None (replicated).
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-)
+from qtarget_jax.logical_axes import LOGICAL_RULES, Rules, logical_to_spec
 
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
-
-
-def logical_to_spec(axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> PartitionSpec:
-    """Logical axis names (one per dim) -> PartitionSpec; an unknown name is an error."""
-    table = dict(rules)
-    spec = []
-    for name in axes:
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis {name!r} has no rule; rules cover: "
-                             f"{', '.join(table)}")
-        spec.append(table[name])
-    return PartitionSpec(*spec)
+__all__ = ["LOGICAL_RULES", "Rules", "logical_to_spec", "param_shardings", "shard_model",
+           "spec_for"]
 
 
 def _path_str(path: tuple) -> str:

@@ -215,8 +215,10 @@ def fused_qtarget_loss_sums(
         be sharded on any axes.
       vocab_block_size: Vb, vocabulary columns per tile of the "vocab_blocks" path; None =
         `default_blocks`. V need not be a multiple.
-      compute_dtype: dtype of the matmul inputs (e.g. jnp.bfloat16 with float32 lm_head);
-        None = promote(hidden.dtype, lm_head.dtype). Accumulation is always float32.
+      compute_dtype: dtype of the matmul inputs, student's and teacher's (e.g. jnp.bfloat16
+        with a float32 lm_head: cast tile by tile); None = promote(hidden.dtype, lm_head.dtype)
+        for the student, promote of the teacher's two for the teacher. Accumulation is always
+        float32.
       path: "vocab_blocks" (two passes over [Nb, Vb] tiles, closed-form gradient),
         "token_chunks" (whole [C, V] rows, any user rule) or None = `fused_path(spec)`, with a
         warning when that is "token_chunks".
@@ -245,6 +247,7 @@ def fused_qtarget_loss_sums(
                else jnp.promote_types(hidden.dtype, lm_head.dtype))
     if not jnp.issubdtype(compute, jnp.floating):
         raise TypeError(f"compute_dtype must be floating, got {compute}")
+    t_compute = compute.name if compute_dtype is not None else None
     path = _resolve_path(spec, path)
 
     valid = labels != IGNORE_INDEX
@@ -256,7 +259,7 @@ def fused_qtarget_loss_sums(
     if path == "vocab_blocks":
         loss_sum, sums = _vocab_blocks(
             spec, hidden, lm_head, labels, valid, w, weights, teacher_hidden, teacher_lm_head,
-            teacher_logits, chunk_size, vocab_block_size, sharding, compute, dtype)
+            teacher_logits, chunk_size, vocab_block_size, sharding, compute, dtype, t_compute)
         sums["tokens"] = jnp.sum(valid.astype(dtype))
         return loss_sum, denominator.astype(dtype), sums
 
@@ -280,7 +283,7 @@ def fused_qtarget_loss_sums(
         teacher = {"logits": rows(jax.lax.stop_gradient(teacher_logits), 0)}
     plan = ChunkPlan(spec=spec, n_chunks=n_chunks, chunk=chunk, sharding=sharding,
                      grad_dtypes=(jnp.dtype(hidden.dtype).name, jnp.dtype(lm_head.dtype).name),
-                     compute=compute.name)
+                     compute=compute.name, teacher_compute=t_compute)
     loss_sum, sums = weighted_loss_sums(
         plan, rows(hidden, 0), lm_head, rows(w, 0), rows(labels, IGNORE_INDEX),
         rows(valid, False), None if weights is None else rows(weights, 0), teacher)
@@ -290,7 +293,7 @@ def fused_qtarget_loss_sums(
 
 def _vocab_blocks(spec, hidden, lm_head, labels, valid, w, weights, teacher_hidden,
                   teacher_lm_head, teacher_logits, chunk_size, vocab_block_size, sharding,
-                  compute, dtype):
+                  compute, dtype, t_compute):
     """Flatten the rows, pad them (and V) only as far as the sharding needs, run the passes."""
     n_tokens, vocab = math.prod(labels.shape), lm_head.shape[1]
     token_shards, vocab_shards, mesh, token_axes, vocab_axis = 1, 1, None, (), None
@@ -326,6 +329,7 @@ def _vocab_blocks(spec, hidden, lm_head, labels, valid, w, weights, teacher_hidd
     platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
     plan = BlockPlan(rows=row_stats.RowPlan(spec, vocab), token_block=nb, vocab_block=vb,
                      compute=compute.name, stats=jnp.dtype(dtype).name, mesh=mesh,
+                     teacher_compute=t_compute,
                      token_axes=token_axes, vocab_axis=vocab_axis, vocab_pad=vocab_pad,
                      slice_bits=platform == "cpu")
     head = cols(lm_head)

@@ -54,6 +54,8 @@ class BlockPlan:
       token_block: Nb, rows per tile (<= local rows).
       vocab_block: Vb, columns per tile (<= local columns).
       compute: dtype name of the matmul inputs (e.g. "bfloat16"); accumulation is float32.
+      teacher_compute: dtype name of the teacher's matmul inputs; None = promote(teacher
+        hidden, teacher head).
       stats: dtype name of the row math ("float32", or "float64" for float64 inputs).
       mesh, token_axes, vocab_axis: the sharding, or mesh None.
       vocab_pad: zero columns appended to W so that V divides over the vocab axis.
@@ -64,6 +66,7 @@ class BlockPlan:
     vocab_block: int
     compute: str
     stats: str = "float32"
+    teacher_compute: Optional[str] = None
     mesh: Optional[object] = None
     token_axes: tuple[str, ...] = ()
     vocab_axis: Optional[str] = None
@@ -114,7 +117,8 @@ def _teacher_tile(plan, teacher, r0, c0, nb, vb, tau):
     if "lm_head" in teacher:
         th = _slice(plan, teacher["hidden"], r0, nb, 0)
         tw = _slice(plan, teacher["lm_head"], c0, vb, 1)
-        dt = jnp.promote_types(th.dtype, tw.dtype)
+        dt = (jnp.dtype(plan.teacher_compute) if plan.teacher_compute
+              else jnp.promote_types(th.dtype, tw.dtype))
         t = jnp.dot(th.astype(dt), tw.astype(dt), preferred_element_type=dtype)
     else:
         logits = teacher["logits"]

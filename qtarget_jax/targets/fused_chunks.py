@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qtarget_jax import logical_axes
 from qtarget_jax.targets.losses import METRIC_NAMES, per_token_qtarget
 from qtarget_jax.targets.spec import TargetSpec
 
@@ -42,12 +43,21 @@ class ChunkSharding:
 
     Attributes:
       mesh: the device mesh.
-      token_axes: mesh axes that shard the C token rows of a chunk, e.g. ("data", "fsdp").
-      vocab_axis: mesh axis that shards the vocabulary (vocab-parallel head), or None.
+      token_axes: mesh axes that shard the C token rows of a chunk; default the "batch" rule
+        of `logical_axes.LOGICAL_RULES` (("data", "fsdp")).
+      vocab_axis: mesh axis that shards the vocabulary (vocab-parallel head), or None; default
+        the "vocab" rule ("tensor").
     """
     mesh: Mesh
-    token_axes: tuple[str, ...] = ("data", "fsdp")
-    vocab_axis: Optional[str] = "tensor"
+    token_axes: tuple[str, ...] = logical_axes.token_axes()
+    vocab_axis: Optional[str] = logical_axes.vocab_axis()
+
+    @classmethod
+    def from_rules(cls, mesh: Mesh, rules: logical_axes.Rules = logical_axes.LOGICAL_RULES
+                   ) -> "ChunkSharding":
+        """Token rows by the "batch" rule, the vocabulary by the "vocab" rule of `rules`."""
+        return cls(mesh, token_axes=logical_axes.token_axes(rules),
+                   vocab_axis=logical_axes.vocab_axis(rules))
 
     def __post_init__(self):
         names = self.token_axes + ((self.vocab_axis,) if self.vocab_axis else ())
@@ -71,6 +81,7 @@ class ChunkPlan:
     sharding: Optional[ChunkSharding] = None
     grad_dtypes: tuple[str, str] = ("float32", "float32")  # dtypes of (h, lm_head)
     compute: Optional[str] = None  # matmul input dtype; None = promote(h, lm_head)
+    teacher_compute: Optional[str] = None  # teacher's; None = promote(its hidden, its head)
 
 
 def chunk_rows(x: jax.Array, n_chunks: int, chunk: int) -> jax.Array:
@@ -83,12 +94,15 @@ def unchunk_rows(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _teacher_chunk(teacher, t_c, dtype):
-    """Teacher logits [C, V] of one chunk, stop-gradient, or None."""
+def _teacher_chunk(teacher, t_c, dtype, compute=None):
+    """Teacher logits [C, V] of one chunk, stop-gradient, or None (matmul inputs in `compute`,
+    None = their promoted dtype)."""
     if teacher is None:
         return None
     if "lm_head" in teacher:
-        z = jnp.dot(t_c["hidden"], teacher["lm_head"], preferred_element_type=dtype)
+        th, tw = t_c["hidden"], teacher["lm_head"]
+        dt = jnp.dtype(compute) if compute else jnp.promote_types(th.dtype, tw.dtype)
+        z = jnp.dot(th.astype(dt), tw.astype(dt), preferred_element_type=dtype)
     else:
         z = t_c["logits"]
     return jax.lax.stop_gradient(z)
@@ -116,7 +130,7 @@ def _loop(plan: ChunkPlan, with_grads: bool, h, lm_head, w, labels, valid, weigh
         z = jnp.dot(h_c, head, preferred_element_type=dtype)
         if sh:
             z = sh.constrain(z, tok, voc)
-        t_logits = _teacher_chunk(teacher, xs.get("teacher"), dtype)
+        t_logits = _teacher_chunk(teacher, xs.get("teacher"), dtype, plan.teacher_compute)
         if sh and t_logits is not None:
             t_logits = sh.constrain(t_logits, tok, voc)
 

@@ -89,7 +89,7 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None, 
 
     source = resolve_source(source or section.source)
     changes = {**(section.config if config is None else config),
-               "dtype": section.compute_dtype,
+               "compute_dtype": section.compute_dtype,
                "remat_policy": section.remat if remat is None else remat}
     if source == "init":
         try:
@@ -101,9 +101,7 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None, 
         check_vocab(tokenizer, cfg.vocab_size, "model.source=init")
         return model, cfg, tokenizer
     from qtarget_jax.models.loading import load_model
-    compute = changes.pop("dtype")
-    model, cfg, tokenizer = load_model(source, mesh=mesh, param_dtype=param_dtype,
-                                       compute_dtype=compute, **changes)
+    model, cfg, tokenizer = load_model(source, mesh=mesh, param_dtype=param_dtype, **changes)
     if tokenizer is None and not section.tokenizer:
         raise ValueError(f"model.source={source}: no tokenizer found; set model.tokenizer")
     if section.tokenizer:

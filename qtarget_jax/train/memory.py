@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, tuple(args.overrides)).config
     m = cfg.model
     student = getattr(ModelConfig, args.student)(
-        **{**m.config, "dtype": m.compute_dtype, "remat_policy": m.remat,
+        **{**m.config, "compute_dtype": m.compute_dtype, "remat_policy": m.remat,
            "param_dtype": "float32"})
     teacher = None
     if args.teacher:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         if "scan_layers" in m.config:
             t_changes.setdefault("scan_layers", m.config["scan_layers"])
         teacher = getattr(ModelConfig, args.teacher)(
-            **{**t_changes, "dtype": m.compute_dtype, "remat_policy": "none",
+            **{**t_changes, "compute_dtype": m.compute_dtype, "remat_policy": "none",
                "param_dtype": teacher_param_dtype(m)})
     mem = compiled_memory(cfg, student, teacher, args.real_vocab)
     gib = 1 << 30

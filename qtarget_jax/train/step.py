@@ -90,42 +90,31 @@ def hidden_loss(spec, normalization: str, normalizer: float | None = None,
                 sharding=None, real_vocab: Optional[int] = None) -> LossFn:
     """The fused Q-target loss from final hidden states [B, T, D] and the head [D, V]: logits
     exist only chunk by chunk; the teacher's chunks come from its own hidden states
-    [B, T, D_T] and head [D_T, V_T] (another width is fine), computed in this step."""
+    [B, T, D_T] and head [D_T, V_T] (another width is fine), computed in this step.
+
+    The heads go to the loss in their param dtype with `compute_dtype` = the hidden states'
+    dtype: the loss casts them tile by tile for the matmuls and returns dW in the param dtype,
+    so float32 master weights with bfloat16 compute get a float32 head (and tied embedding)
+    gradient, accumulated in float32, never rounded to bfloat16.
+    """
     from qtarget_jax.targets import fused_qtarget_loss_sums
 
     def loss_fn(model, batch, teacher):
         def hidden(m):
             return m(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
         h = hidden(model)
-        head = model.lm_head_kernel().astype(h.dtype)
+        head = model.lm_head_kernel()
         kw = {}
         if teacher is not None:
             t_h = jax.lax.stop_gradient(hidden(teacher))
-            t_head = jax.lax.stop_gradient(teacher.lm_head_kernel().astype(t_h.dtype))
+            t_head = jax.lax.stop_gradient(teacher.lm_head_kernel())
             t_h, t_head = teacher_head_for(t_h, t_head, head.shape[-1], real_vocab)
             kw = {"teacher_hidden": t_h, "teacher_lm_head": t_head}
         return fused_qtarget_loss_sums(h, head, batch["labels"], batch["loss_mask"], spec,
                                        weights=batch.get("weights"),
                                        normalization=normalization, normalizer=normalizer,
-                                       sharding=sharding, **kw)
+                                       sharding=sharding, compute_dtype=h.dtype, **kw)
     return loss_fn
-
-
-def chunk_sharding(mesh, rules=None):
-    """The fused loss's ChunkSharding from the one rules table: token rows over the "batch"
-    rule's mesh axes, the vocabulary over the "vocab" rule's axis."""
-    from qtarget_jax.models.sharding import LOGICAL_RULES
-    from qtarget_jax.targets import ChunkSharding
-    table = dict(LOGICAL_RULES if rules is None else rules)
-    batch = table["batch"]
-    token_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-    vocab = table.get("vocab")
-    if isinstance(vocab, (tuple, list)):
-        if len(vocab) != 1:
-            raise ValueError(f"rules: the fused loss shards the vocabulary over one mesh axis, "
-                             f"got 'vocab' -> {vocab!r}")
-        vocab = vocab[0]
-    return ChunkSharding(mesh, token_axes=token_axes, vocab_axis=vocab)
 
 
 def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
@@ -138,10 +127,13 @@ def make_loss_fn(spec, normalization: str, *, fused: bool, mesh=None,
       real_vocab: the tokenizer's size when the head has padding rows past it (masked in the
         teacher's distribution); None: every head row is a real token.
     """
+    from qtarget_jax.logical_axes import LOGICAL_RULES
+    from qtarget_jax.targets import ChunkSharding
     if not fused:
         return logits_loss(spec, normalization, normalizer, real_vocab)
-    return hidden_loss(spec, normalization, normalizer,
-                       None if mesh is None else chunk_sharding(mesh, rules), real_vocab)
+    sharding = None if mesh is None else ChunkSharding.from_rules(
+        mesh, LOGICAL_RULES if rules is None else rules)
+    return hidden_loss(spec, normalization, normalizer, sharding, real_vocab)
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -154,36 +146,24 @@ def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.
     return {k: split(v) for k, v in batch.items()}
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        tree)
-
-
-def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=None,
-                 compute_dtype: Any = None):
+def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=None):
     """(student, teacher or None) Modules from `params` and the frozen state.
 
-    The teacher's params pass through stop_gradient: it never receives a gradient. Casting:
-    the Decoder casts each weight to its compute dtype where it is used (ModelConfig.dtype), so
-    `compute_dtype` is None for it; a model that does not cast itself may ask for one cast of
-    all params here instead.
+    The teacher's params pass through stop_gradient: it never receives a gradient. No cast
+    happens here: params keep their param dtype and each layer casts a weight to its compute
+    dtype where it uses it (ModelConfig.compute_dtype), once.
     """
-    if compute_dtype is not None:
-        params = _cast(params, compute_dtype)
     model = nnx.merge(graphdef, params, state.rest)
     if state.teacher is None:
         return model, None
-    t_params = jax.lax.stop_gradient(state.teacher)
-    if compute_dtype is not None:
-        t_params = _cast(t_params, compute_dtype)
     teacher = nnx.merge(teacher_graphdef if teacher_graphdef is not None else graphdef,
-                        t_params, state.teacher_rest)
+                        jax.lax.stop_gradient(state.teacher), state.teacher_rest)
     return model, teacher
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
                tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
-               teacher_graphdef: Any = None, compute_dtype: Any = None,
+               teacher_graphdef: Any = None,
                param_shardings: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step over a global batch of [B, T] arrays (see module docstring).
 
@@ -193,8 +173,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
         # Modules are merged inside the differentiated function: nnx refuses graph nodes
         # created at another trace level.
         model, teacher = merge_models(state, params, graphdef=graphdef,
-                                      teacher_graphdef=teacher_graphdef,
-                                      compute_dtype=compute_dtype)
+                                      teacher_graphdef=teacher_graphdef)
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
@@ -234,7 +213,7 @@ def jit_train_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs
     """jax.jit of `train_step` with explicit in/out shardings and the state donated.
 
     kwargs: those of `train_step` (graphdef, teacher_graphdef, loss_fn, tx, schedule,
-    microbatches, compute_dtype).
+    microbatches).
     """
     step = functools.partial(train_step, param_shardings=shardings.params, **kwargs)
     return jax.jit(step, in_shardings=(shardings, batch_sharding),
@@ -242,12 +221,11 @@ def jit_train_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs
 
 
 def eval_sums(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, loss_fn: LossFn,
-              teacher_graphdef: Any = None, compute_dtype: Any = None) -> dict:
+              teacher_graphdef: Any = None) -> dict:
     """Summed loss and diagnostics over a [B, T] batch, no gradients: {"loss_sum" f32[],
     "denominator" f32[], "tokens" f32[], <diagnostic> f32[]}."""
     model, teacher = merge_models(state, state.params, graphdef=graphdef,
-                                  teacher_graphdef=teacher_graphdef,
-                                  compute_dtype=compute_dtype)
+                                  teacher_graphdef=teacher_graphdef)
     loss_sum, denom, sums = loss_fn(model, batch, teacher)
     return {"loss_sum": loss_sum, "denominator": denom, **sums}
 
@@ -255,7 +233,7 @@ def eval_sums(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, lo
 def make_eval_step(shardings: TrainState, batch_sharding, rep_sharding, **kwargs):
     """jax.jit of `eval_sums` with the train step's shardings (the state is not donated).
 
-    kwargs: graphdef, teacher_graphdef, loss_fn, compute_dtype (as `train_step`).
+    kwargs: graphdef, teacher_graphdef, loss_fn (as `train_step`).
     """
     return jax.jit(functools.partial(eval_sums, **kwargs),
                    in_shardings=(shardings, batch_sharding), out_shardings=rep_sharding)

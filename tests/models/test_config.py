@@ -15,8 +15,8 @@ def test_preset_round_trips_through_hf_config(name):
 
 
 def test_preset_override():
-    cfg = ModelConfig.smollm2_135m(num_layers=2, dtype="bfloat16", scan_layers=True)
-    assert (cfg.num_layers, cfg.dtype, cfg.scan_layers, cfg.hidden_size) == (
+    cfg = ModelConfig.smollm2_135m(num_layers=2, compute_dtype="bfloat16", scan_layers=True)
+    assert (cfg.num_layers, cfg.compute_dtype, cfg.scan_layers, cfg.hidden_size) == (
         2, "bfloat16", True, 576)
 
 
@@ -75,7 +75,8 @@ def test_missing_hf_key_named():
     ({"num_heads": 6, "num_kv_heads": 4}, r"num_heads \(6\) must be divisible by num_kv_heads"),
     ({"head_dim": 7}, r"head_dim \(7\) must be even"),
     ({"hidden_size": 0}, "hidden_size must be a positive int, got 0"),
-    ({"dtype": "float16"}, "dtype='float16'"),
+    ({"compute_dtype": "float16"}, "compute_dtype='float16'"),
+    ({"param_dtype": "float16"}, "param_dtype='float16'"),
     ({"remat_policy": "everything"}, "remat_policy='everything'"),
     ({"sliding_window": 0}, "sliding_window must be a positive int"),
 ])

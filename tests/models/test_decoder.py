@@ -5,6 +5,7 @@ import re
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,7 +172,8 @@ def test_padding_rows_are_finite():
 
 def test_bfloat16_close_to_float32():
     f32 = random_model(tiny_config("qwen2_bias"))
-    bf16 = _same_weights(f32, f32.cfg.replace(param_dtype="bfloat16", dtype="bfloat16"))
+    bf16 = _same_weights(f32, f32.cfg.replace(param_dtype="bfloat16",
+                                                        compute_dtype="bfloat16"))
     assert bf16.embedder.embedding[...].dtype == jnp.bfloat16
     tokens = _tokens(f32.cfg)
     got, want = _forward(bf16, tokens), _forward(f32, tokens)
@@ -179,6 +181,43 @@ def test_bfloat16_close_to_float32():
     chex.assert_tree_all_finite(got)
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 5e-2
     chex.assert_type(nnx.jit(lambda m, t: m(t, return_hidden=True))(bf16, tokens), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["smollm2_tied", "qwen2_bias", "qwen3_qk_norm"])
+def test_mixed_precision_casts_each_param_once(family):
+    """float32 params, bfloat16 compute: in the forward's jaxpr every param is converted to
+    bfloat16 exactly once (a transpose or reshape may come first), where its layer uses it; an
+    untied embedding is only gathered (its rows are cast, not the table). Outputs are float32
+    logits from bfloat16 hidden states."""
+    cfg = tiny_config(family, num_layers=2, compute_dtype="bfloat16")
+    graphdef, params, rest = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    paths_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    treedef = jax.tree.structure(params)
+    tokens = _tokens(cfg)
+
+    def forward(*leaves, hidden=False):
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+        return model(tokens, return_hidden=hidden)
+    leaves = [leaf for _, leaf in paths_leaves]
+    closed = jax.make_jaxpr(forward)(*leaves)
+    assert jax.eval_shape(forward, *leaves).dtype == jnp.float32
+    assert jax.eval_shape(lambda *x: forward(*x, hidden=True), *leaves).dtype == jnp.bfloat16
+
+    # Follow each param through layout-only ops; count its converts to bfloat16.
+    root = {v: i for i, v in enumerate(closed.jaxpr.invars)}
+    casts = [0] * len(root)
+    for eqn in closed.jaxpr.eqns:
+        src = eqn.invars[0] if eqn.invars else None
+        if src is None or isinstance(src, jax.extend.core.Literal) or src not in root:
+            continue
+        if eqn.primitive.name in ("transpose", "reshape"):
+            root[eqn.outvars[0]] = root[src]
+        elif (eqn.primitive.name == "convert_element_type"
+              and eqn.params["new_dtype"] == jnp.bfloat16):
+            casts[root[src]] += 1
+    names = [jax.tree_util.keystr(path) for path, _ in paths_leaves]
+    want = [0 if ("embedding" in n and not cfg.tie_word_embeddings) else 1 for n in names]
+    assert dict(zip(names, casts)) == dict(zip(names, want))
 
 
 def test_init_shapes_dtypes_and_axes():

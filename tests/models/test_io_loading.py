@@ -226,16 +226,17 @@ def test_mesh_load_reads_each_slice_once_not_per_device(tmp_path, monkeypatch):
 
 def test_compute_dtype_reaches_a_loaded_model(tmp_path):
     """model.compute_dtype bfloat16 on a pretrained source: float32 master params, bfloat16
-    activations (the layers cast to cfg.dtype), logits within bf16 error of the float32 ones."""
+    activations (the layers cast to cfg.compute_dtype), logits within bf16 error of the float32
+    ones."""
     from qtarget_jax.config import ModelSection
     from qtarget_jax.train.build import build_model
 
     make_hf_folder(str(tmp_path), "llama", tie=True)
     f32, _, _ = build_model(ModelSection(source=str(tmp_path)), 0)
     bf16, cfg, _ = build_model(ModelSection(source=str(tmp_path), compute_dtype="bfloat16"), 0)
-    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("bfloat16", "float32")
     assert bf16(TOKENS, return_hidden=True).dtype == np.dtype("bfloat16")
     a, b = np.asarray(f32(TOKENS)), np.asarray(bf16(TOKENS))
     assert b.dtype == np.float32 and 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()
     model, cfg, _ = load_hf(str(tmp_path), compute_dtype="bfloat16")
-    assert cfg.dtype == "bfloat16" and model.cfg.dtype == "bfloat16"
+    assert cfg.compute_dtype == "bfloat16" and model.cfg.compute_dtype == "bfloat16"

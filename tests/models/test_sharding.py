@@ -67,3 +67,55 @@ def test_shard_model_places_params_and_keeps_logits():
              for p, s in nnx.to_flat_state(param_shardings(model, mesh))}
     assert placed == specs
     chex.assert_trees_all_close(forward(model, tokens), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_rules_table_shared_by_models_targets_and_train():
+    """models.sharding re-exports the table of qtarget_jax.logical_axes (one object), and the
+    fused loss's ChunkSharding takes its default axes from it (no copy of axis names)."""
+    from qtarget_jax import logical_axes
+    from qtarget_jax.models import sharding
+    from qtarget_jax.targets import ChunkSharding
+    from qtarget_jax.train import mesh as mesh_lib
+
+    assert sharding.LOGICAL_RULES is logical_axes.LOGICAL_RULES
+    rules = dict(LOGICAL_RULES)
+    assert logical_axes.token_axes() == tuple(rules["batch"]) == ("data", "fsdp")
+    assert logical_axes.vocab_axis() == rules["vocab"] == "tensor"
+    mesh = _mesh()
+    default = ChunkSharding(mesh)
+    assert (default.token_axes, default.vocab_axis) == (("data", "fsdp"), "tensor")
+    assert ChunkSharding.from_rules(mesh) == default
+    assert mesh_lib.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+
+
+@pytest.mark.parametrize("rules, token_axes, vocab_axis", [
+    ((("batch", "data"), ("vocab", None)), ("data",), None),
+    ((("batch", ("data", "fsdp", "tensor")), ("vocab", "tensor")),
+     ("data", "fsdp", "tensor"), "tensor"),
+    ((("batch", None),), (), None),
+])
+def test_chunk_sharding_from_other_rules(rules, token_axes, vocab_axis):
+    from qtarget_jax.targets import ChunkSharding
+    got = ChunkSharding.from_rules(_mesh(), rules)
+    assert (got.token_axes, got.vocab_axis) == (token_axes, vocab_axis)
+
+
+def test_chunk_sharding_rules_errors():
+    from qtarget_jax.targets import ChunkSharding
+    with pytest.raises(ValueError, match="one mesh axis, got 'vocab'"):
+        ChunkSharding.from_rules(_mesh(), (("batch", "data"), ("vocab", ("fsdp", "tensor"))))
+    with pytest.raises(ValueError, match="'batch' has no rule"):
+        ChunkSharding.from_rules(_mesh(), (("vocab", "tensor"),))
+    with pytest.raises(ValueError, match="'model' is not a mesh axis"):
+        ChunkSharding.from_rules(_mesh(), (("batch", "data"), ("vocab", "model")))
+
+
+def test_targets_import_neither_models_nor_train():
+    import subprocess
+    import sys
+    code = ("import sys, qtarget_jax.targets; "
+            "print(sorted({m.split('.')[1] for m in sys.modules "
+            "if m.startswith('qtarget_jax.')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "['logical_axes', 'targets']", out.stdout

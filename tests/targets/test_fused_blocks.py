@@ -161,6 +161,30 @@ def test_float32_head_gradient_with_bfloat16_compute():
     assert np.mean(dw != rounded) > 0.9  # float32 values, not bf16 values stored as float32
 
 
+@pytest.mark.parametrize("path", ["vocab_blocks", "token_chunks"])
+def test_compute_dtype_sets_the_teacher_matmul_too(path):
+    """A float32 teacher head with bf16 teacher hidden states and compute_dtype=bf16 gives the
+    teacher logits of the bf16-cast head (cast tile by tile), exactly; without compute_dtype
+    the teacher matmul runs in the promoted dtype (float32), which differs."""
+    x = _inputs()
+    th16 = x["th"].astype(jnp.bfloat16)
+    spec = get_preset("target_sft")
+
+    def loss(tw, **kw):
+        # The student's inputs are bf16 in every call: only the teacher matmul can differ.
+        return fused_qtarget_loss(x["h"].astype(jnp.bfloat16), x["w"].astype(jnp.bfloat16),
+                                  x["labels"], x["mask"],
+                                  spec, teacher_hidden=th16, teacher_lm_head=tw,
+                                  chunk_size=NB, vocab_block_size=VB, path=path, **kw)[0]
+
+    got, cast, promoted = jax.jit(lambda tw: (
+        loss(tw, compute_dtype=jnp.bfloat16), loss(tw.astype(jnp.bfloat16),
+                                                   compute_dtype=jnp.bfloat16),
+        loss(tw)))(x["tw"])
+    assert float(got) == float(cast)
+    assert float(promoted) != float(cast)
+
+
 def test_scratch_holds_no_head_sized_buffer():
     """Value and gradient of target_sft at N=512, D=64, V=8192 with 32 x 256 tiles: XLA's
     scratch stays well below one float32 [D, V] (the token-chunk path carries one as its dW

@@ -58,3 +58,15 @@ def test_cli_prints_one_config_error_line_before_jax(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: model.teacher="), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_old_model_dtype_key_is_one_config_error_line(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(JOB),
+                          "model.dtype=bfloat16", f"run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                              "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), lines
+    assert "'model.dtype' was renamed model.compute_dtype" in lines[0], lines

@@ -28,6 +28,27 @@ def test_errors_name_key_and_suggest(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("key, message", [
+    ("model.dtype", "key 'model.dtype' was renamed model.compute_dtype"),
+    ("model.config.dtype", "key 'model.config.dtype' is not set here: ModelConfig.dtype was "
+                           "renamed compute_dtype; write model.compute_dtype"),
+    ("model.config.compute_dtype", "write model.compute_dtype"),
+    ("model.teacher_config.dtype", "write model.compute_dtype"),
+    ("model.config.param_dtype", "float32 master weights for the student, "
+                                 "model.teacher_dtype for the teacher"),
+])
+def test_old_dtype_keys_name_their_replacement(tmp_path, key, message):
+    """One dtype vocabulary: a job file or override with an old dtype key fails at load."""
+    section, *rest = key.split(".")[1:]
+    job = tmp_path / "job.yaml"
+    body = {section: {rest[0]: "bfloat16"}} if rest else {section: "bfloat16"}
+    job.write_text(yaml.safe_dump({"model": body}))
+    for job_file, overrides in ((job, ()), (None, (f"{key}=bfloat16",))):
+        with pytest.raises(ConfigError) as err:
+            load_config(job_file, overrides)
+        assert message in str(err.value), str(err.value)
+
+
 def test_layering_order_and_overridden_report():
     loaded = load_config(REPO_CONFIGS / "tiny_test.yaml", ("optim.lr=3e-4", "run.steps=5"))
     cfg = loaded.config

@@ -18,10 +18,11 @@ def run_steps(sizes, microbatches=1, steps=3, devices=None, batches=None,
     mesh = mesh_lib.make_mesh(sizes, devices)
     tx, sched = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1, clip_norm=1.0),
                                ScheduleSection(warmup_steps=1), steps)
-    built = init_state(TinyLM(rngs=nnx.Rngs(0)), tx, mesh, RULES, seed=0)
+    built = init_state(TinyLM(rngs=nnx.Rngs(0), compute_dtype=compute_dtype), tx, mesh, RULES,
+                       seed=0)
     step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh),
                           graphdef=built.graphdef, loss_fn=ce_loss, tx=tx, schedule=sched,
-                          microbatches=microbatches, compute_dtype=compute_dtype)
+                          microbatches=microbatches)
     state, losses = built.state, []
     for i in range(steps):
         batch = batches[i] if batches else make_batch(i)
@@ -64,3 +65,60 @@ def test_split_microbatches_keeps_rows():
     np.testing.assert_array_equal(out[0, :, 0], [0, 2, 4, 6])
     with pytest.raises(ValueError, match="microbatches=3"):
         split_microbatches({"x": x}, 3)
+
+
+def _bf16(x):
+    """x rounded to bfloat16, back in float32 (numpy)."""
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_float32_head_gradient_under_bfloat16_compute(tied):
+    """float32 params + bfloat16 compute: the fused loss gets the float32 head, so the head
+    gradient (the tied embedding's, for rows no input token touches) is float32: it equals a
+    float32 reference from the bfloat16 matmul inputs, not that reference rounded to bfloat16."""
+    from qtarget_jax.models import Decoder, ModelConfig
+    from qtarget_jax.targets import get_preset
+    from qtarget_jax.train.step import hidden_loss
+
+    vocab, n_in = 64, 24  # input tokens < n_in: embedding rows >= n_in get only the head's grad
+    cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      tie_word_embeddings=tied, param_dtype="float32",
+                      compute_dtype="bfloat16")
+    graphdef, params, rest = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    b, t = 2, 12
+    batch = {"tokens": jnp.asarray(rng.integers(0, n_in, (b, t)), jnp.int32),
+             "labels": jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32),
+             "loss_mask": jnp.ones((b, t), jnp.float32),
+             "positions": jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1)),
+             "segment_ids": jnp.ones((b, t), jnp.int32)}
+    loss_fn = hidden_loss(get_preset("sft"), "token")
+
+    def loss(p):
+        model = nnx.merge(graphdef, p, rest)
+        h = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        return loss_fn(model, batch, None)[0], h
+    grads, h = jax.jit(jax.grad(loss, has_aux=True))(params)
+    assert h.dtype == jnp.bfloat16
+    head = (params["embedder"]["embedding"][...].T if tied else params["lm_head"][...])
+    g = grads["embedder"]["embedding"][...].T if tied else grads["lm_head"][...]
+    assert g.dtype == jnp.float32
+
+    # Reference: z = bf16(h) @ bf16(W) in float32, dz = p - onehot(y) rounded to bfloat16 (the
+    # matmul input dtype), dW = bf16(h)^T dz accumulated in float64.
+    h32 = np.asarray(h.astype(jnp.float32), np.float64).reshape(b * t, -1)
+    z = h32 @ _bf16(np.asarray(head)).astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dz = p - np.eye(vocab)[np.asarray(batch["labels"]).reshape(-1)]
+    ref = h32.T @ _bf16(dz.astype(np.float32)).astype(np.float64)
+    cols = slice(n_in, None) if tied else slice(None)
+    ref, got = ref[:, cols], np.asarray(g, np.float64)[:, cols]
+    rounded = _bf16(ref.astype(np.float32))
+    rtol, atol = 1e-5, 1e-7
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
+    # The bfloat16-rounded gradient is far outside that tolerance: this test can fail.
+    assert not np.allclose(rounded, ref, rtol=rtol, atol=atol)
+    assert np.max(np.abs(rounded - ref)) > 100 * (atol + rtol * np.max(np.abs(ref)))

@@ -9,9 +9,12 @@ V, D, F = 32, 16, 32
 
 
 class TinyLM(nnx.Module):
-    """Embedding -> RMS-scaled MLP -> tied head; called like the Decoder (tokens, ...)."""
+    """Embedding -> RMS-scaled MLP -> tied head; called like the Decoder (tokens, ...).
 
-    def __init__(self, *, rngs: nnx.Rngs):
+    Params are float32; like the Decoder's layers, each is cast to `compute_dtype` where used.
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs, compute_dtype=jnp.float32):
         init = nnx.initializers.normal(0.5)
 
         def param(value, axes):
@@ -21,11 +24,14 @@ class TinyLM(nnx.Module):
         self.w1 = param(init(rngs.params(), (D, F)), ("embed", "mlp"))
         self.b1 = param(jnp.zeros((F,)), ("mlp",))
         self.w2 = param(init(rngs.params(), (F, D)), ("mlp", "embed"))
+        self.compute_dtype = compute_dtype
 
     def __call__(self, tokens, positions=None, segment_ids=None):
-        x = self.embed[...][tokens] * self.norm[...][None, None, :]
-        x = x + jnp.tanh(x @ self.w1[...] + self.b1[...][None, None, :]) @ self.w2[...]
-        return x @ self.embed[...].T
+        embed, norm, w1, b1, w2 = (v[...].astype(self.compute_dtype) for v in (
+            self.embed, self.norm, self.w1, self.b1, self.w2))
+        x = embed[tokens] * norm[None, None, :]
+        x = x + jnp.tanh(x @ w1 + b1[None, None, :]) @ w2
+        return x @ embed.T
 
 
 def ce_loss(model, batch, teacher):
