@@ -33,7 +33,7 @@ from qtarget_jax.data.chat import tokenize_conversation, to_training_example
 from qtarget_jax.data.packing import build_rows, pack_bins
 from qtarget_jax.data.records import row_to_conversation
 from qtarget_jax.data.synthetic import generate as synth_generate
-from qtarget_jax.evaluate.runner import EvalExample, evaluate_model
+from qtarget_jax.evaluate import EvalExample, evaluate_model
 from qtarget_jax.models.sharding import LOGICAL_RULES
 from qtarget_jax.targets import spec_from_dict
 from qtarget_jax.train import mesh as mesh_lib

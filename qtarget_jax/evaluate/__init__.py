@@ -1,7 +1,11 @@
-"""Evaluation: final-answer parsing (answers.py), accuracy / Average@k / held-out loss
-(runner.py), model loading for the CLI (loading.py); `python -m qtarget_jax.evaluate`."""
-from qtarget_jax.evaluate.answers import Scored, extract_answer, normalize_answer, score
-from qtarget_jax.evaluate.runner import EvalExample, evaluate_model, heldout_loss, load_examples
+"""Evaluation: accuracy / Average@k (`qtarget_jax.problems`) plus the held-out loss (runner.py,
+the training loop's eval step), model and checkpoint loading (loading.py, the checkpoint layout
+from `train.state.TrainState`); `python -m qtarget_jax.evaluate`. Depends on `train`, never the
+reverse."""
+from qtarget_jax.evaluate.loading import load_checkpoint, load_source
+from qtarget_jax.evaluate.runner import evaluate_model, heldout_loss
+from qtarget_jax.problems import (EvalExample, Scored, extract_answer, load_examples,
+                                  normalize_answer, score)
 
 __all__ = ["EvalExample", "Scored", "evaluate_model", "extract_answer", "heldout_loss",
-           "load_examples", "normalize_answer", "score"]
+           "load_checkpoint", "load_examples", "load_source", "normalize_answer", "score"]

@@ -18,6 +18,8 @@ import json
 import sys
 import time
 
+from qtarget_jax.evaluate import evaluate_model, load_checkpoint, load_examples, load_source
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m qtarget_jax.evaluate", description=__doc__,
@@ -48,9 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
     p.add_argument("--out", default=None, help="per-example JSONL output path")
     args = p.parse_args(argv)
-
-    from qtarget_jax.evaluate.loading import load_checkpoint, load_source
-    from qtarget_jax.evaluate.runner import evaluate_model, load_examples
 
     t0 = time.perf_counter()
     examples = load_examples(args.data, args.limit, question_column=args.question_column,

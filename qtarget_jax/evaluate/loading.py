@@ -9,11 +9,18 @@ from typing import Any
 import jax
 from flax import nnx
 
+from qtarget_jax import checkpoint as ckpt_lib
+from qtarget_jax.config import load_config
+from qtarget_jax.models import Decoder, ModelConfig
+from qtarget_jax.models.gguf_io import default_model_path
+from qtarget_jax.models.loading import load_model
+from qtarget_jax.models.tokenizer import load_tokenizer, tokenizer_from_gguf
+from qtarget_jax.train.optim import make_optimizer
+from qtarget_jax.train.state import abstract_checkpoint_items
+
 
 def load_source(source: str) -> tuple[nnx.Module, Any]:
     """(model, tokenizer) from a `load_model` source; raises when it has no tokenizer."""
-    from qtarget_jax.models.loading import load_model
-
     model, _, tokenizer = load_model(source, param_dtype="float32")
     if tokenizer is None:
         raise ValueError(f"evaluate: model source {source!r} has no tokenizer files")
@@ -23,11 +30,6 @@ def load_source(source: str) -> tuple[nnx.Module, Any]:
 def _model_of_run(section) -> tuple[nnx.Module, Any]:
     """(model with placeholder params, tokenizer) shaped as the run's `model` section built it:
     abstract for source=init (nothing allocated until the checkpoint fills it), else loaded."""
-    from qtarget_jax.models import Decoder, ModelConfig
-    from qtarget_jax.models.gguf_io import default_model_path
-    from qtarget_jax.models.loading import load_model
-    from qtarget_jax.models.tokenizer import load_tokenizer, tokenizer_from_gguf
-
     def tokenizer_at(path):
         return tokenizer_from_gguf(path) if path.endswith(".gguf") else load_tokenizer(path)
     changes = {**section.config, "compute_dtype": section.compute_dtype}
@@ -51,11 +53,6 @@ def load_checkpoint(run_dir: str, step: int | None = None) -> tuple[nnx.Module, 
     The checkpoint's layout comes from the training state itself
     (`train.state.abstract_checkpoint_items`), restored onto one device.
     """
-    from qtarget_jax import checkpoint as ckpt_lib
-    from qtarget_jax.config import load_config
-    from qtarget_jax.train.optim import make_optimizer
-    from qtarget_jax.train.state import abstract_checkpoint_items
-
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"evaluate: {config_path} not found; --run-dir must be a "

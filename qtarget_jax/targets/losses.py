@@ -88,6 +88,36 @@ def student_residual_kl(gamma: jax.Array, log_p_y: jax.Array) -> jax.Array:
             + jnp.where(q_y > 0, q_y * (jnp.log(q_y) - log_p_y), 0.0))
 
 
+def target_terms(spec: TargetSpec, gamma: jax.Array, log_p_y: jax.Array, lse: jax.Array,
+                 cross: jax.Array, h_pi: jax.Array, pi_y: jax.Array) -> dict[str, jax.Array]:
+    """The Q-target loss from per-row quantities, shared by the materialised and the fused loss.
+
+    Args (all [...] float, one value per position): gamma; log_p_y = log p at the label;
+      lse = logsumexp of the student logits; cross = H(pi, p); h_pi = H(pi); pi_y = the
+      residual's probability at the label (0 when the label is outside it).
+    Returns:
+      {"nll": -log p_y, "ce": H(Q, p), "loss": loss_scale * H(Q, p) + z_loss * lse^2,
+      "kl": KL(Q || p)} of [...] arrays (not stop-gradient'ed).
+    """
+    nll = -log_p_y
+    ce = gamma * nll + (1.0 - gamma) * cross
+    loss = spec.loss_scale * ce
+    if spec.z_loss:
+        loss = loss + spec.z_loss * jnp.square(lse)
+    if student_residual(spec):
+        kl = student_residual_kl(gamma, log_p_y)
+    else:
+        # KL(Q || p) = H(Q, p) - H(Q), with sum_k Q_k log Q_k written through pi's entropy:
+        # r = (1 - gamma) pi, sum_k r_k log r_k = xlogy(1-g, 1-g) - (1-g) H(pi); Q_y = gamma + r_y.
+        one_minus = 1.0 - gamma
+        r_y = one_minus * pi_y
+        q_y = gamma + r_y
+        sum_q_log_q = (xlogy(one_minus, one_minus) - one_minus * h_pi
+                       - xlogy(r_y, r_y) + xlogy(q_y, q_y))
+        kl = ce + sum_q_log_q
+    return {"nll": nll, "ce": ce, "loss": loss, "kl": kl}
+
+
 def _target_parts(logits, labels, spec, teacher_logits, weights, valid):
     """Shared front half: the context, the label index, gamma [...] and the residual."""
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
@@ -171,27 +201,11 @@ def per_token_qtarget(
     z, lse, log_p, log_p_y, entropy, index, gamma, residual = _target_parts(
         logits, labels, spec, teacher_logits, weights, valid)
     cross, h_pi, pi_y = _residual_terms(residual, log_p, index)
-    nll = -log_p_y
-    ce = gamma * nll + (1.0 - gamma) * cross
-    loss = spec.loss_scale * ce
-    if spec.z_loss:
-        loss = loss + spec.z_loss * jnp.square(lse)
-
-    # KL(Q || p) = H(Q, p) - H(Q), with sum_k Q_k log Q_k written through pi's entropy:
-    # r = (1 - gamma) pi, sum_k r_k log r_k = xlogy(1-g, 1-g) - (1-g) H(pi); Q_y = gamma + r_y.
-    one_minus = 1.0 - gamma
-    r_y = one_minus * pi_y
-    q_y = gamma + r_y
-    sum_q_log_q = (xlogy(one_minus, one_minus) - one_minus * h_pi
-                   - xlogy(r_y, r_y) + xlogy(q_y, q_y))
-    kl = sg(ce + sum_q_log_q)
-    if student_residual(spec):
-        kl = sg(student_residual_kl(gamma, log_p_y))
-
+    t = target_terms(spec, gamma, log_p_y, lse, cross, h_pi, pi_y)
     accuracy = (jnp.argmax(z, axis=-1) == labels).astype(z.dtype)
-    return {"loss": loss, "ce": sg(ce), "gamma": gamma, "p_y": sg(jnp.exp(log_p_y)),
-            "accuracy": accuracy, "entropy": sg(entropy), "kl_q_p": kl, "nll": sg(nll),
-            "lse": sg(lse)}
+    return {"loss": t["loss"], "ce": sg(t["ce"]), "gamma": gamma, "p_y": sg(jnp.exp(log_p_y)),
+            "accuracy": accuracy, "entropy": sg(entropy), "kl_q_p": sg(t["kl"]),
+            "nll": sg(t["nll"]), "lse": sg(lse)}
 
 
 def qtarget_loss_sums(

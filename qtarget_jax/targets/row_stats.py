@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
 from qtarget_jax.targets import rules
-from qtarget_jax.targets.losses import rule_gamma, student_residual, student_residual_kl
+from qtarget_jax.targets.losses import rule_gamma, target_terms
 from qtarget_jax.targets.spec import TargetSpec
 
 ROW_STAT_RESIDUALS = ("none", "uniform", "student", "teacher", "guided")
@@ -269,22 +269,10 @@ def finish(plan: RowPlan, st, labels, valid, weights):
         saved["lse_u"] = lse_u
     if plan.needs_teacher or plan.kind == "student":
         pi_y = jnp.where(in_range, pi_y, 0.0)
-    nll = -log_p_y
-    ce = gamma * nll + (1.0 - gamma) * cross
-    loss = spec.loss_scale * ce
-    if spec.z_loss:
-        loss = loss + spec.z_loss * jnp.square(lse)
-    one_minus = 1.0 - gamma
-    r_y = one_minus * pi_y
-    q_y = gamma + r_y
-    sum_q_log_q = (xlogy(one_minus, one_minus) - one_minus * h_pi
-                   - xlogy(r_y, r_y) + xlogy(q_y, q_y))
-    kl = ce + sum_q_log_q
-    if student_residual(spec):
-        kl = student_residual_kl(gamma, log_p_y)
-    terms = {"loss": loss, "gamma": gamma, "p_y": sg(p_y),
+    t = target_terms(spec, gamma, log_p_y, lse, cross, h_pi, pi_y)
+    terms = {"loss": t["loss"], "gamma": gamma, "p_y": sg(p_y),
              "accuracy": (st["amax_i"] == labels).astype(dtype), "entropy": sg(entropy),
-             "kl_q_p": sg(kl), "nll": sg(nll)}
+             "kl_q_p": sg(t["kl"]), "nll": sg(t["nll"])}
     return terms, saved
 
 

@@ -16,9 +16,16 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from qtarget_jax import checkpoint as ckpt_lib
 from qtarget_jax.config import LoadedConfig, TrainConfig, check_sources, save_resolved
+from qtarget_jax.models.export import export_hf
+from qtarget_jax.models.sharding import LOGICAL_RULES
+from qtarget_jax.problems import load_examples, solve
+from qtarget_jax.targets import spec_from_dict
 from qtarget_jax.train import build, metrics as metrics_lib
 from qtarget_jax.train import mesh as mesh_lib
 from qtarget_jax.train.optim import make_optimizer
@@ -52,7 +59,6 @@ def _check_finite(step: int, m: dict) -> None:
 
 def _all_process_states(local: dict) -> dict:
     """Every process's data-iterator state (JSON), gathered so one checkpoint holds them all."""
-    from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
     size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
     padded = np.zeros((size,), np.uint8)
@@ -82,8 +88,6 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     cfg: TrainConfig = loaded.config
     check_sources(cfg)  # missing files are one ConfigError naming the key, before JAX starts
     build.init_distributed(cfg.run)
-    from qtarget_jax.models.sharding import LOGICAL_RULES
-    from qtarget_jax.targets import spec_from_dict
 
     lead = jax.process_index() == 0
     run_dir = pathlib.Path(cfg.run.dir)
@@ -165,7 +169,6 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     peak_total = cfg.logging.peak_flops * jax.device_count()
     bar = None
     if lead and cfg.logging.progress:
-        from tqdm import tqdm
         bar = tqdm(total=cfg.run.steps, initial=start, unit="step", dynamic_ncols=True)
 
     pending: Optional[tuple[int, Any]] = None  # (step number, its metrics still on device)
@@ -245,7 +248,6 @@ def _load_problems(cfg: TrainConfig) -> list:
     """The eval.problems examples (prompt, gold answer), or [] when unset."""
     if not cfg.eval.problems:
         return []
-    from qtarget_jax.evaluate.runner import load_examples
     return load_examples(cfg.eval.problems, limit=cfg.eval.problems_limit or None)
 
 
@@ -253,21 +255,14 @@ def _solve(problems, graphdef, state, tokenizer, cfg: TrainConfig, step_no: int,
            run_dir: Optional[pathlib.Path]) -> dict[str, float]:
     """Greedy exact-match accuracy of the current params on held-out problems
     (`eval/problems/accuracy`, `.../parse_errors`, `.../n`); outputs to run_dir as JSONL."""
-    from flax import nnx
-
-    from qtarget_jax.evaluate.runner import evaluate_model
     model = nnx.merge(graphdef, state.params, state.rest)
     out = None if run_dir is None else str(run_dir / f"problems_step{step_no}.jsonl")
-    return evaluate_model(model, tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens,
-                          loss_seq_len=None, out_path=out, prefix="eval/problems/")
+    return solve(model, tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                 out_path=out, prefix="eval/problems/")
 
 
 def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: bool) -> None:
     """The final model as an HF folder (the models package's exporter), on process 0."""
-    from flax import nnx
-
-    from qtarget_jax.models.export import export_hf
-    from jax.experimental import multihost_utils
     params, rest = multihost_utils.process_allgather((state.params, state.rest), tiled=True)
     if lead:
         export_hf(nnx.merge(graphdef, params, rest), model_cfg, str(folder), tokenizer=tokenizer)

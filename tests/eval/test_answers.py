@@ -1,7 +1,7 @@
 """answers.py: extraction order, normalisation, and unparsable outputs scored wrong."""
 import pytest
 
-from qtarget_jax.evaluate.answers import extract_answer, normalize_answer, score
+from qtarget_jax.problems.answers import extract_answer, normalize_answer, score
 
 
 @pytest.mark.parametrize("text,want,method", [

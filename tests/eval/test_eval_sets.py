@@ -9,7 +9,7 @@ import pytest
 
 from qtarget_jax.evaluate import load_examples
 from qtarget_jax.evaluate.__main__ import main
-from qtarget_jax.evaluate.answers import gold_answer, normalize_answer
+from qtarget_jax.problems.answers import gold_answer, normalize_answer
 
 GSM8K = [  # openai/gsm8k columns
     {"question": "Tom has 3 apples and buys 4 more. How many?",

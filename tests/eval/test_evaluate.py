@@ -54,9 +54,9 @@ def _scripted_generate_many(model, tokenizer, prompts, configs, *, names, **kwar
 def test_accuracy_counts_match_a_hand_count(tiny_model, tokenizer, data_file, tmp_path,
                                             monkeypatch):
     """Metrics and records of known outputs against the counts made by hand above."""
-    from qtarget_jax.evaluate import runner
+    from qtarget_jax.problems import accuracy
 
-    monkeypatch.setattr(runner, "generate_many", _scripted_generate_many)
+    monkeypatch.setattr(accuracy, "generate_many", _scripted_generate_many)
     out = tmp_path / "out.jsonl"
     m = evaluate_model(tiny_model, tokenizer, load_examples(data_file), num_samples=2,
                        loss_seq_len=None, out_path=str(out))
@@ -112,6 +112,25 @@ def test_heldout_loss_matches_numpy(tiny_model, tokenizer, data_file):
         count += sup.sum()
     assert got["tokens"] == count
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_heldout_loss_of_a_sharded_model_equals_one_device(tiny_model, tokenizer, data_file):
+    """The eval step runs where the params are: data=2, fsdp=2, tensor=2 == one device."""
+    from flax import nnx
+
+    from qtarget_jax.models.sharding import shard_model
+    from qtarget_jax.train.mesh import make_mesh
+
+    examples = load_examples(data_file)
+    want = heldout_loss(tiny_model, tokenizer, examples, seq_len=64, batch_size=2)
+    sharded = nnx.clone(tiny_model)
+    shard_model(sharded, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    placed = jax.tree.leaves(nnx.state(sharded, nnx.Param))
+    assert all(len(x.sharding.device_set) == 8 for x in placed)
+    assert any(not x.sharding.is_fully_replicated for x in placed)
+    got = heldout_loss(sharded, tokenizer, examples, seq_len=64, batch_size=2)
+    assert got["tokens"] == want["tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def test_too_long_examples_are_errors_naming_them(tiny_model, tokenizer, data_file):

@@ -163,7 +163,7 @@ def test_problem_accuracy_before_and_after(tmp_path, synth_dataset, char_tokeniz
     After: the outputs are what the saved step-2 params decode alone, and the accuracy is the
     count of those outputs whose answer is the problem's gold one."""
     from qtarget_jax.data import synthetic
-    from qtarget_jax.evaluate.answers import score
+    from qtarget_jax.problems.answers import score
     from qtarget_jax.evaluate.loading import load_checkpoint
     from qtarget_jax.generate import SamplingConfig, generate
 

@@ -39,15 +39,24 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> tuple[str | None, str]:
-    """(answer text, method): the last `#### X` line, else the last `\\boxed{X}`, else the last
-    number in `text`; (None, "none") when there is none of these."""
+def _marked_answer(text: str) -> tuple[str, str] | None:
+    """(answer, "hash") of the last `#### X` line, else (answer, "boxed") of the last
+    `\\boxed{X}`; None when `text` has neither mark."""
     found = _HASH_RE.findall(text)
     if found:
         return found[-1].strip(), "hash"
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip(), "boxed"
+    return None
+
+
+def extract_answer(text: str) -> tuple[str | None, str]:
+    """(answer text, method): the last `#### X` line, else the last `\\boxed{X}`, else the last
+    number in `text`; (None, "none") when there is none of these."""
+    marked = _marked_answer(text)
+    if marked is not None:
+        return marked
     numbers = _NUMBER_RE.findall(text)
     if numbers:
         return numbers[-1], "last_number"
@@ -59,12 +68,9 @@ def gold_answer(text: str) -> tuple[str | None, str]:
     `\\boxed{X}` of a MATH solution, else the whole text stripped ("plain": MATH-500's
     `answer` column holds the bare answer, e.g. `\\frac{14}{3}`, whose last number is not it).
     (None, "none") for empty text."""
-    found = _HASH_RE.findall(text)
-    if found:
-        return found[-1].strip(), "hash"
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip(), "boxed"
+    marked = _marked_answer(text)
+    if marked is not None:
+        return marked
     return (text.strip(), "plain") if text.strip() else (None, "none")
 
 
