@@ -37,6 +37,8 @@ import numpy as np
 
 B, T, LR, WD, CLIP = 4, 256, 1e-5, 0.01, 1.0
 IMPLS = ("jax", "torch", "torch_compile")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                 "nothing_saveable")
 
 
 def _batch(vocab: int) -> np.ndarray:
@@ -57,8 +59,9 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def setup_jax(loss: str):
-    """Returns (step() -> loss float, set-up seconds)."""
+def setup_jax(loss: str, remat: str = "none", scan_layers: bool = False):
+    """Returns (step() -> loss float, set-up seconds); remat/scan_layers as ModelConfig's
+    remat_policy/scan_layers (per-layer rematerialisation, nnx.scan over stacked layers)."""
     import jax
 
     from qtarget_jax.config import OptimSection, ScheduleSection
@@ -71,7 +74,8 @@ def setup_jax(loss: str):
     from qtarget_jax.train.state import init_state
     from qtarget_jax.train.step import jit_train_step, make_loss_fn
 
-    model, cfg, _ = load_model(_hf_folder(), param_dtype="float32")
+    model, cfg, _ = load_model(_hf_folder(), param_dtype="float32", remat_policy=remat,
+                              scan_layers=scan_layers)
     mesh = mesh_lib.make_mesh({"data": -1})
     tx, sched = make_optimizer(OptimSection(lr=LR, weight_decay=WD, clip_norm=CLIP),
                                ScheduleSection("constant"), 10 ** 6)
@@ -144,7 +148,7 @@ def setup_torch(compile_model: bool):
     return run, 0.0
 
 
-def child(impl: str, loss: str) -> None:
+def child(impl: str, loss: str, remat: str = "none", scan_layers: bool = False) -> None:
     """Set up, run the first step, then one timed step per 'step' line on stdin."""
     def emit(obj):
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -152,7 +156,7 @@ def child(impl: str, loss: str) -> None:
 
     t0 = time.perf_counter()
     if impl == "jax":
-        run, compile_s = setup_jax(loss)
+        run, compile_s = setup_jax(loss, remat, scan_layers)
         threads = None
     else:
         import torch
@@ -196,7 +200,8 @@ class Child:
         cpus = ",".join(map(str, args.cpus))
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--child", impl, "--loss", args.loss, "--cpus", cpus,
-             "--batch", str(args.batch), "--seq", str(args.seq)],
+             "--batch", str(args.batch), "--seq", str(args.seq), "--remat", args.remat]
+            + (["--scan-layers"] if args.scan_layers else []),
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
 
@@ -234,6 +239,10 @@ def main() -> None:
     ap.add_argument("--peak-flops", type=float, default=0.0,
                     help="per-device peak FLOP/s (e.g. 9.89e14 for H100 bf16): prints the MFU "
                          "of the jax row, FLOPs per token = 6 N + 12 L T D as in training")
+    ap.add_argument("--remat", choices=REMAT_CHOICES, default="none",
+                    help="our per-layer rematerialisation (model.remat; training default none)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="our layers as one nnx.scan over stacked weights (model.scan_layers)")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T = args.batch, args.seq
@@ -241,7 +250,7 @@ def main() -> None:
                  else [int(c) for c in args.cpus.split(",")])
     os.sched_setaffinity(0, args.cpus)
     if args.child:
-        child(args.child, args.loss)
+        child(args.child, args.loss, args.remat, args.scan_layers)
         return
     impls = [i for i in args.impls.split(",") if i]
     if args.torch_compile and "torch_compile" not in impls:
@@ -252,7 +261,7 @@ def main() -> None:
         raise SystemExit("--steps must be >= 1")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(
         __file__)))}
-    print(f"batch {B}x{T} float32 on {_jax_platform() if 'jax' in impls else 'cpu'}, AdamW + clip {CLIP}, loss sft ({args.loss} on our side), "
+    print(f"batch {B}x{T} float32 on {_jax_platform() if 'jax' in impls else 'cpu'}, AdamW + clip {CLIP}, loss sft ({args.loss} on our side, remat {args.remat}, scan_layers {args.scan_layers}), "
           f"CPUs {args.cpus}; load average at start {_loadavg()}", flush=True)
     # Set-up one implementation at a time (loading and compiling do not overlap timed work).
     children, ready = {}, {}
