@@ -97,6 +97,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                                "tensor": cfg.mesh.tensor})
     # Student and teacher are created directly in their shardings (no whole host copy).
     model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed, mesh=mesh)
+    model = build.apply_lora(model, cfg.lora, cfg.run.seed)  # rank 0: full fine-tuning
     teacher, teacher_graphdef = None, None
     if spec.needs_teacher:
         teacher, teacher_cfg = build.build_teacher(cfg.model, cfg.run.seed, tokenizer, mesh=mesh)
@@ -159,7 +160,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
 
     writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
                                        tensorboard=cfg.logging.tensorboard)
-    ftok = metrics_lib.flops_per_token(_num_params(state.params), model_cfg.num_layers,
+    ftok = metrics_lib.flops_per_token(_num_params((state.params, state.rest)), model_cfg.num_layers,
                                        cfg.data.seq_len, model_cfg.hidden_size)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     peak_total = cfg.logging.peak_flops * jax.device_count()
@@ -267,7 +268,9 @@ def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: b
     from flax import nnx
 
     from qtarget_jax.models.export import export_hf
+    from qtarget_jax.models.lora import merge_lora
     from jax.experimental import multihost_utils
     params, rest = multihost_utils.process_allgather((state.params, state.rest), tiled=True)
-    if lead:
-        export_hf(nnx.merge(graphdef, params, rest), model_cfg, str(folder), tokenizer=tokenizer)
+    if lead:  # a LoRA model is exported merged: W + (alpha / r) A B
+        model = merge_lora(nnx.merge(graphdef, params, rest))
+        export_hf(model, model_cfg, str(folder), tokenizer=tokenizer)
