@@ -58,6 +58,8 @@ class LoraSection:
     dropout: float = 0.0  # dropout on the adapter input during training, in [0, 1)
     targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # wrapped
     #                       projections, a subset of q, k, v, o, gate, up, down
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = None  # the frozen base weights'
+    #                       dtype; null: float32 like the adapters (the student's dtype)
 
 
 def check_lora(rank: Any, alpha: Any, dropout: Any, targets: Any

@@ -82,6 +82,7 @@ class Adapter(nnx.Module):
         self.key = DropoutKey(jnp.zeros((*lead, 2), jnp.uint32), eager_sharding=False,
                               out_sharding=(*lead_axes, None))
         self.n_in, self.scale, self.dropout = len(in_shape), cfg.scale, cfg.dropout
+        self.alpha = cfg.alpha
         self.train = False  # set by seed_dropout (the train step) only
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
@@ -109,10 +110,12 @@ def _blocks(model: nnx.Module) -> tuple[list[nnx.Module], int | None]:
     return list(model.layers), None
 
 
-def add_lora(model: nnx.Module, cfg: LoraConfig, seed: int = 0) -> nnx.Module:
+def add_lora(model: nnx.Module, cfg: LoraConfig, seed: int = 0,
+             param_dtype: Any = None) -> nnx.Module:
     """Adds an Adapter to each targeted projection of every layer of a Decoder, in place.
 
-    A and B are created in the kernel's param dtype; returns `model`.
+    A and B are created in `param_dtype` (None: the kernel's dtype), e.g. float32 adapters on
+    a bfloat16 base; returns `model`.
     """
     if has_lora(model):
         raise ValueError("add_lora: the model already has adapters")
@@ -128,7 +131,7 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, seed: int = 0) -> nnx.Module:
             key, sub_key = jax.random.split(key)
             setattr(owner, kernel + SUFFIX, Adapter(
                 shape[:n_in], shape[n_in:], axes[:n_in], axes[n_in:], cfg, sub_key,
-                param_dtype=w.dtype, layers=layers))
+                param_dtype=w.dtype if param_dtype is None else param_dtype, layers=layers))
     return model
 
 

@@ -120,7 +120,14 @@ def apply_lora(model: nnx.Module, section: LoraSection, seed: int) -> nnx.Module
     from qtarget_jax.models.lora import LoraConfig, add_lora
     return add_lora(model, LoraConfig(rank=section.rank, alpha=section.alpha,
                                       dropout=section.dropout,
-                                      targets=tuple(section.targets)), seed)
+                                      targets=tuple(section.targets)), seed,
+                    param_dtype="float32")
+
+
+def student_param_dtype(section: LoraSection) -> str:
+    """The student's param dtype: float32 master weights, except a LoRA model's frozen base
+    when lora.base_dtype is set (its adapters stay float32)."""
+    return section.base_dtype if section.rank and section.base_dtype else "float32"
 
 
 def teacher_param_dtype(section: ModelSection) -> str:

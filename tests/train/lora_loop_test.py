@@ -76,6 +76,8 @@ def test_export_hf_is_merged_and_transformers_logits_equal_ours(uninterrupted):
     got = np.asarray(ours(tokens))
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel < 1e-4, rel
+    assert {p.name for p in (run_dir / "peft").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors"}
     # The adapters did change the model: the export is not the base.
     base = build.build_model(load_config(JOB, args).config.model, 0)[0]
     assert np.abs(np.asarray(base(tokens)) - want).max() / np.abs(want).max() > 1e-3

@@ -26,9 +26,11 @@ STEPS = 6
 SFT, TARGET_SFT = {"preset": "sft"}, {"preset": "target_sft", "eta": 0.5}
 
 
-def _student(scan=False, rank=4):
-    model = Decoder(ModelConfig(**MODEL, scan_layers=scan), rngs=nnx.Rngs(0))
-    return lora.add_lora(model, lora.LoraConfig(rank=rank, alpha=8.0), seed=0) if rank else model
+def _student(scan=False, rank=4, base_dtype="float32"):
+    model = Decoder(ModelConfig(**MODEL, scan_layers=scan, param_dtype=base_dtype),
+                    rngs=nnx.Rngs(0))
+    return lora.add_lora(model, lora.LoraConfig(rank=rank, alpha=8.0), seed=0,
+                         param_dtype="float32")
 
 
 def _built(student, teacher=INITIAL, devices=None, mesh_sizes=None, target=TARGET_SFT):
@@ -44,8 +46,8 @@ def _built(student, teacher=INITIAL, devices=None, mesh_sizes=None, target=TARGE
     return built, step, mesh
 
 
-def _train(scan=False, **kw):
-    built, step, mesh = _built(_student(scan), **kw)
+def _train(scan=False, base_dtype="float32", **kw):
+    built, step, mesh = _built(_student(scan, base_dtype=base_dtype), **kw)
     state = built.state
     initial = jax.tree.map(np.array, (state.params, state.rest))
     batch = mesh_lib.global_batch(global_batches()[0], mesh)  # one batch: the loss must fall
@@ -56,9 +58,12 @@ def _train(scan=False, **kw):
     return built, state, initial, losses
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_only_adapters_train_and_the_base_stays_bit_identical(scan):
-    built, state, (params0, rest0), losses = _train(scan, target=SFT)
+@pytest.mark.parametrize("scan,base_dtype", [(False, "float32"), (True, "float32"),
+                                             (True, "bfloat16")])
+def test_only_adapters_train_and_the_base_stays_bit_identical(scan, base_dtype):
+    built, state, (params0, rest0), losses = _train(scan, base_dtype, target=SFT)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert jnp.dtype(base_dtype) in {x.dtype for x in jax.tree.leaves(state.rest)}
     assert losses[-1] < losses[0] - 0.05, losses
     # Trainable params and optimizer state: adapters only.
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)]
