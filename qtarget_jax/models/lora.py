@@ -83,11 +83,11 @@ class Adapter(nnx.Module):
                               out_sharding=(*lead_axes, None))
         self.n_in, self.scale, self.dropout = len(in_shape), cfg.scale, cfg.dropout
         self.alpha = cfg.alpha
-        self.train = False  # set by seed_dropout (the train step) only
+        self.dropout_on = False  # set by seed_dropout (the train step) only
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
         """x [B, T, *in] (compute dtype) -> (alpha / r) dropout(x) A B [B, T, *out] in `dtype`."""
-        if self.train and self.dropout > 0:
+        if self.dropout_on and self.dropout > 0:
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key[...]),
                                         1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
@@ -171,7 +171,7 @@ def seed_dropout(model: nnx.Module, key_data: jax.Array) -> None:
         shape = ad.key.shape[:-1]
         k = jax.random.fold_in(key, i)
         ad.key.set_value(jax.random.key_data(jax.random.split(k, shape[0]) if shape else k))
-        ad.train = True
+        ad.dropout_on = True
 
 
 def base_graphdef(model: nnx.Module) -> Any:

@@ -116,3 +116,26 @@ def test_eight_devices_equal_one():
     a = eight.params["layers"][0]["attn"]["q_proj_lora"]["a"]
     assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     assert eight.rest["layers"][0]["attn"]["q_proj"].sharding.spec[0] == "fsdp"
+
+
+def test_dropout_acts_in_training_steps_only():
+    """B = 0 at step 1, so dropout cannot change the first loss; it changes the later ones.
+    Evaluation (merge_models without the step's seeding) is deterministic."""
+    def run(dropout):
+        model = Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(0))
+        lora.add_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=dropout), seed=0)
+        built, step, mesh = _built(model, target=SFT)
+        state, losses = built.state, []
+        batch = mesh_lib.global_batch(global_batches()[0], mesh)
+        for _ in range(3):
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+        return built, state, losses
+    _, _, plain = run(0.0)
+    built, state, dropped = run(0.5)
+    assert dropped[0] == plain[0] and dropped[2] != plain[2], (plain, dropped)
+    student, _ = merge_models(state, state.params, graphdef=built.graphdef,
+                              teacher_graphdef=built.teacher_graphdef)
+    tokens = jnp.asarray(global_batches()[1]["tokens"])
+    got, want = np.asarray(student(tokens)), np.asarray(lora.merge_lora(student)(tokens))
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()  # no dropout outside the step
