@@ -161,8 +161,9 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
 
     writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
                                        tensorboard=cfg.logging.tensorboard)
-    ftok = metrics_lib.flops_per_token(_num_params((state.params, state.rest)), model_cfg.num_layers,
-                                       cfg.data.seq_len, model_cfg.hidden_size)
+    ftok = metrics_lib.flops_per_token(_num_params((state.params, state.rest)),  # + LoRA base
+                                       model_cfg.num_layers, cfg.data.seq_len,
+                                       model_cfg.hidden_size)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     peak_total = cfg.logging.peak_flops * jax.device_count()
     bar = None
