@@ -49,6 +49,46 @@ class ModelSection:
     #                                for the teacher (scan_layers defaults to model.config's)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections an adapter can wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # adapter rank r; 0: no adapters (full fine-tuning)
+    alpha: float = 16.0  # the adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter input during training, in [0, 1)
+    targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # wrapped
+    #                       projections, a subset of q, k, v, o, gate, up, down
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = None  # the frozen base weights'
+    #                       dtype; null: float32 like the adapters (the student's dtype)
+
+
+def check_lora(rank: Any, alpha: Any, dropout: Any, targets: Any
+               ) -> Optional[tuple[str, Any, str]]:
+    """(key, value, why) for the first invalid lora setting, or None when all are valid.
+
+    rank: int >= 0 (0 = off); alpha: > 0; dropout: in [0, 1); targets: a non-empty list of
+    distinct names from LORA_TARGETS.
+    """
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        return "lora.rank", rank, "must be an integer >= 0 (0 = no adapters)"
+    if not number(alpha) or not alpha > 0:
+        return "lora.alpha", alpha, "must be > 0 (the adapter scale is alpha / rank)"
+    if not number(dropout) or not 0 <= dropout < 1:
+        return "lora.dropout", dropout, "must be in [0, 1)"
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+        return "lora.targets", targets, f"must be a non-empty list of {', '.join(LORA_TARGETS)}"
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        return "lora.targets", list(targets), (f"unknown projection(s) {unknown}; choose from "
+                                               f"{', '.join(LORA_TARGETS)}")
+    if len(set(targets)) != len(targets):
+        return "lora.targets", list(targets), "names a projection twice"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     path: str = "data/tfds/jsonl_sft/synth/1.0.0"  # folder from `python -m qtarget_jax.data
@@ -140,6 +180,7 @@ class RunSection:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -160,6 +201,10 @@ class TrainConfig:
             raise ConfigError(
                 f"loss.normalization=constant needs loss.normalizer > 0 (e.g. the sequence "
                 f"length), got {self.loss.normalizer}")
+        lora = self.lora
+        problem = check_lora(lora.rank, lora.alpha, lora.dropout, lora.targets)
+        if problem:
+            raise ConfigError(f"{problem[0]}={problem[1]!r}: {problem[2]}")
         if self.run.steps < 1:
             raise ConfigError(f"run.steps must be >= 1, got {self.run.steps}")
 

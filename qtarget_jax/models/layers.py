@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from qtarget_jax.models.config import ModelConfig, RopeScaling
+from qtarget_jax.models.lora import adapt
 
 _INIT_STD = 0.02
 
@@ -191,6 +192,10 @@ class Attention(nnx.Module):
         q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
         k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
         v = self._project(x_BTD, self.v_proj, self.v_bias if self.use_bias else None)
+        # LoRA adapters (models/lora.py), when the model has them: + (alpha/r) x A B.
+        q = adapt(self, "q_proj", x_BTD, q, self.dtype)
+        k = adapt(self, "k_proj", x_BTD, k, self.dtype)
+        v = adapt(self, "v_proj", x_BTD, v, self.dtype)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
@@ -220,7 +225,7 @@ class Attention(nnx.Module):
         out = out.reshape(b, h, t, dh).transpose(0, 2, 1, 3)            # [B, T, N, Dh]
         y = jnp.einsum("bthk,hkd->btd", out,
                        self.o_proj[...].astype(self.compute_dtype))
-        return y, new_kv
+        return adapt(self, "o_proj", out, y, self.compute_dtype), new_kv
 
 
 class MLP(nnx.Module):
@@ -236,10 +241,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
-        gate = x_BTD @ self.gate_proj[...].astype(self.compute_dtype)
-        up = x_BTD @ self.up_proj[...].astype(self.compute_dtype)
-        down = self.down_proj[...].astype(self.compute_dtype)
-        return jax.checkpoint(_swiglu)(gate, up) @ down
+        gate = adapt(self, "gate_proj", x_BTD, x_BTD @ self.gate_proj[...].astype(self.compute_dtype),
+                     self.compute_dtype)
+        up = adapt(self, "up_proj", x_BTD, x_BTD @ self.up_proj[...].astype(self.compute_dtype),
+                   self.compute_dtype)
+        hidden = jax.checkpoint(_swiglu)(gate, up)
+        return adapt(self, "down_proj", hidden,
+                     hidden @ self.down_proj[...].astype(self.compute_dtype), self.compute_dtype)
 
 
 class Block(nnx.Module):

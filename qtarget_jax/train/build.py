@@ -11,7 +11,7 @@ from typing import Any, Optional
 import jax
 from flax import nnx
 
-from qtarget_jax.config import DataSection, ModelSection, RunSection
+from qtarget_jax.config import DataSection, LoraSection, ModelSection, RunSection
 
 
 def init_distributed(run: RunSection) -> None:
@@ -108,6 +108,24 @@ def build_model(section: ModelSection, seed: int, source: Optional[str] = None, 
         tokenizer = _tokenizer(section.tokenizer)
     check_vocab(tokenizer, cfg.vocab_size, f"model.source={source}")
     return model, cfg, tokenizer
+
+
+def apply_lora(model: nnx.Module, section: LoraSection, seed: int) -> nnx.Module:
+    """Adds LoRA adapters per the `lora` section (rank 0: `model` unchanged), in place; the
+    optimizer then trains only the adapters (models/lora.py)."""
+    if section.rank == 0:
+        return model
+    from qtarget_jax.models.lora import LoraConfig, add_lora
+    return add_lora(model, LoraConfig(rank=section.rank, alpha=section.alpha,
+                                      dropout=section.dropout,
+                                      targets=tuple(section.targets)), seed,
+                    param_dtype="float32")
+
+
+def student_param_dtype(section: LoraSection) -> str:
+    """The student's param dtype: float32 master weights, except a LoRA model's frozen base
+    when lora.base_dtype is set (its adapters stay float32)."""
+    return section.base_dtype if section.rank and section.base_dtype else "float32"
 
 
 def teacher_param_dtype(section: ModelSection) -> str:

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from qtarget_jax import checkpoint as ckpt_lib
 from qtarget_jax.config import LoadedConfig, TrainConfig, check_sources, save_resolved
 from qtarget_jax.models.export import export_hf
+from qtarget_jax.models.lora import has_lora, merge_lora
+from qtarget_jax.models.peft_export import export_peft
 from qtarget_jax.models.sharding import LOGICAL_RULES
 from qtarget_jax.problems import load_examples, solve
 from qtarget_jax.targets import spec_from_dict
@@ -100,7 +102,9 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                                "tensor": cfg.mesh.tensor})
     # Student and teacher are created directly in their shardings (no whole host copy).
-    model, model_cfg, tokenizer = build.build_model(cfg.model, cfg.run.seed, mesh=mesh)
+    model, model_cfg, tokenizer = build.build_model(
+        cfg.model, cfg.run.seed, mesh=mesh, param_dtype=build.student_param_dtype(cfg.lora))
+    model = build.apply_lora(model, cfg.lora, cfg.run.seed)  # rank 0: full fine-tuning
     teacher, teacher_graphdef = None, None
     if spec.needs_teacher:
         teacher, teacher_cfg = build.build_teacher(cfg.model, cfg.run.seed, tokenizer, mesh=mesh)
@@ -163,8 +167,9 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
 
     writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
                                        tensorboard=cfg.logging.tensorboard)
-    ftok = metrics_lib.flops_per_token(_num_params(state.params), model_cfg.num_layers,
-                                       cfg.data.seq_len, model_cfg.hidden_size)
+    ftok = metrics_lib.flops_per_token(_num_params((state.params, state.rest)),  # + LoRA base
+                                       model_cfg.num_layers, cfg.data.seq_len,
+                                       model_cfg.hidden_size)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     peak_total = cfg.logging.peak_flops * jax.device_count()
     bar = None
@@ -240,7 +245,8 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     if lead and cfg.logging.plot and (run_dir / "metrics.jsonl").exists():
         metrics_lib.plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.checkpoint.export_hf and step_no == cfg.run.steps:
-        _export(built.graphdef, state, model_cfg, tokenizer, run_dir / "hf", lead)
+        _export(built.graphdef, state, model_cfg, tokenizer, run_dir / "hf", lead,
+                base_model=cfg.model.source)
     return summary
 
 
@@ -261,8 +267,13 @@ def _solve(problems, graphdef, state, tokenizer, cfg: TrainConfig, step_no: int,
                  out_path=out, prefix="eval/problems/")
 
 
-def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: bool) -> None:
-    """The final model as an HF folder (the models package's exporter), on process 0."""
+def _export(graphdef, state, model_cfg, tokenizer, folder: pathlib.Path, lead: bool,
+            base_model: str = "") -> None:
+    """The final model as an HF folder (the models package's exporter), on process 0; a LoRA
+    model merged, with its adapters also as a PEFT folder beside it (`peft/`)."""
     params, rest = multihost_utils.process_allgather((state.params, state.rest), tiled=True)
-    if lead:
-        export_hf(nnx.merge(graphdef, params, rest), model_cfg, str(folder), tokenizer=tokenizer)
+    if lead:  # a LoRA model is exported merged: W + (alpha / r) A B
+        model = nnx.merge(graphdef, params, rest)
+        export_hf(merge_lora(model), model_cfg, str(folder), tokenizer=tokenizer)
+        if has_lora(model):
+            export_peft(model, str(folder.parent / "peft"), base_model=base_model)

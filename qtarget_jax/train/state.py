@@ -104,12 +104,32 @@ def place(tree: Any, shardings: Any, consume: bool = False) -> Any:
     return treedef.unflatten([put(x, s, m) for x, s, m in zip(leaves, targets, same)])
 
 
+def _rest_shardings(rest: nnx.State, mesh: Mesh, rules) -> Any:
+    """Shardings of the untrained state: by the logical rules where a variable has logical
+    axis names (the frozen base weights of a LoRA model), replicated otherwise."""
+    from jax.sharding import NamedSharding
+
+    from qtarget_jax.models.sharding import spec_for
+    flat = []
+    for path, var in nnx.to_flat_state(rest):
+        axes = var.get_metadata().get("out_sharding")
+        name = ".".join(str(p) for p in path)
+        flat.append((path, mesh_lib.replicated(mesh) if axes is None else NamedSharding(
+            mesh, spec_for(name, tuple(var.shape), axes, mesh, rules))))
+    return nnx.from_flat_state(flat).to_pure_dict()
+
+
 def _split_params(model: nnx.Module, mesh: Mesh, rules):
-    """(graphdef, params pure dict, rest pure dict, param shardings, rest shardings)."""
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    """(graphdef, params pure dict, rest pure dict, param shardings, rest shardings).
+
+    The params are what the optimizer trains: every nnx.Param, or only the adapters
+    (nnx.LoRAParam) of a LoRA model, whose frozen base weights are then part of `rest`.
+    """
+    from qtarget_jax.models.lora import trainable_filter
+    graphdef, params_state, rest = nnx.split(model, trainable_filter(model), ...)
     p_shard = param_shardings(params_state, mesh, rules).to_pure_dict()
     rest_pure = rest.to_pure_dict()
-    rest_shard = jax.tree.map(lambda _: mesh_lib.replicated(mesh), rest_pure)
+    rest_shard = _rest_shardings(rest, mesh, rules)
     return graphdef, params_state.to_pure_dict(), rest_pure, p_shard, rest_shard
 
 
@@ -136,13 +156,16 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
         afterwards: the loop's choice, saving a transient second copy); host params are cut
         per shard.
       rules: logical axis name -> mesh axes (default the one table, LOGICAL_RULES).
-      teacher: None (no teacher), INITIAL (a frozen device copy of the initial student), or a
-        frozen nnx.Module of any architecture sharing the student's vocabulary.
+      teacher: None (no teacher), INITIAL (a frozen device copy of the initial student; for
+        a LoRA student, its frozen base weights with the adapters off: no copy, the teacher
+        graphdef is a `lora.BaseTeacher` and `state.teacher` is {}), or a frozen nnx.Module of
+        any architecture sharing the student's vocabulary.
       teacher_dtype: param dtype of the INITIAL teacher copy (None: the student's); a teacher
         Module keeps its own param dtype.
     Returns:
       Built(state, shardings, graphdef, teacher_graphdef), state placed per `shardings`.
     """
+    from qtarget_jax.models.lora import BaseTeacher, base_graphdef, has_lora
     graphdef, params, rest, p_shard, rest_shard = _split_params(model, mesh, rules)
     params = place(params, p_shard, consume)
     o_shard = opt_state_shardings(tx, params, p_shard, mesh)
@@ -153,9 +176,12 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
         if teacher != INITIAL:
             raise ValueError(f"init_state: teacher={teacher!r}; expected {INITIAL!r}, a "
                              "Module or None")
-        t_graphdef, t_shard, t_rest_shard = graphdef, p_shard, rest_shard
-        t_params = frozen_copy(params, p_shard, teacher_dtype)
-        t_rest = place(rest, rest_shard, consume)
+        if has_lora(model):  # the frozen base in `rest` is the initial model: no copy
+            t_graphdef, t_params, t_shard = BaseTeacher(base_graphdef(model)), {}, {}
+        else:
+            t_graphdef, t_shard, t_rest_shard = graphdef, p_shard, rest_shard
+            t_params = frozen_copy(params, p_shard, teacher_dtype)
+            t_rest = place(rest, rest_shard, consume)
     elif teacher is not None:
         t_graphdef, t_params, t_rest, t_shard, t_rest_shard = _split_params(teacher, mesh, rules)
         t_params = place(t_params, t_shard, consume)

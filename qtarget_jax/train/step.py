@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qtarget_jax.models.lora import BaseTeacher, seed_dropout
 from qtarget_jax.train.state import TrainState
 
 # loss_fn(model, batch, teacher_model | None) -> (loss_sum f32[], denominator f32[], sums dict)
@@ -156,6 +157,8 @@ def merge_models(state: TrainState, params: Any, *, graphdef, teacher_graphdef=N
     model = nnx.merge(graphdef, params, state.rest)
     if state.teacher is None:
         return model, None
+    if isinstance(teacher_graphdef, BaseTeacher):  # a LoRA student's frozen base, no copy
+        return model, teacher_graphdef.view(jax.lax.stop_gradient(state.rest))
     teacher = nnx.merge(teacher_graphdef if teacher_graphdef is not None else graphdef,
                         jax.lax.stop_gradient(state.teacher), state.teacher_rest)
     return model, teacher
@@ -174,6 +177,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
         # created at another trace level.
         model, teacher = merge_models(state, params, graphdef=graphdef,
                                       teacher_graphdef=teacher_graphdef)
+        seed_dropout(model, state.rng)  # LoRA adapter dropout, in training only
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
