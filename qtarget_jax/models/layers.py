@@ -193,9 +193,9 @@ class Attention(nnx.Module):
         k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
         v = self._project(x_BTD, self.v_proj, self.v_bias if self.use_bias else None)
         # LoRA adapters (models/lora.py), when the model has them: + (alpha/r) x A B.
-        q = adapt(self, "q_proj", x_BTD, q, self.dtype)
-        k = adapt(self, "k_proj", x_BTD, k, self.dtype)
-        v = adapt(self, "v_proj", x_BTD, v, self.dtype)
+        q = adapt(self, "q_proj", x_BTD, q, self.compute_dtype)
+        k = adapt(self, "k_proj", x_BTD, k, self.compute_dtype)
+        v = adapt(self, "v_proj", x_BTD, v, self.compute_dtype)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
