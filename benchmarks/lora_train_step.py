@@ -24,15 +24,9 @@ import time
 
 import numpy as np
 
+from train_step import _status_mb  # benchmarks/ is sys.path[0] when run as a script
+
 B, T = 4, 256
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _bytes(tree) -> int:

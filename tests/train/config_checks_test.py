@@ -47,26 +47,25 @@ def test_folder_without_config_json_is_refused(tmp_path):
     check_sources(cfg)
 
 
-def test_cli_prints_one_config_error_line_before_jax(tmp_path):
+def _cli_error_lines(*overrides: str) -> list[str]:
+    """stderr lines of `train.py --config JOB <overrides>`, which must exit with status 2."""
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(JOB),
-                          "model.teacher=/no/such/teacher", f"data.path={tmp_path}",
-                          f"run.dir={tmp_path / 'run'}"],
+                          *overrides],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                               "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
+    return out.stderr.strip().splitlines()
+
+
+def test_cli_prints_one_config_error_line_before_jax(tmp_path):
+    lines = _cli_error_lines("model.teacher=/no/such/teacher", f"data.path={tmp_path}",
+                             f"run.dir={tmp_path / 'run'}")
     assert len(lines) == 1 and lines[0].startswith("config error: model.teacher="), lines
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_old_model_dtype_key_is_one_config_error_line(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(JOB),
-                          "model.dtype=bfloat16", f"run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
-                              "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
+    lines = _cli_error_lines("model.dtype=bfloat16", f"run.dir={tmp_path / 'run'}")
     assert len(lines) == 1 and lines[0].startswith("config error: "), lines
     assert "'model.dtype' was renamed model.compute_dtype" in lines[0], lines
