@@ -1,0 +1,418 @@
+"""Cheap teacher-forced probes of a model on demonstrations: accuracy on the answer tokens of
+reference solutions, memorisation of corrupted demonstrations, and KL from a reference model.
+
+    answer_token_accuracy(model, tokenizer, examples)   # {"answer_token_acc", "answer_tokens"}
+    memorisation(model, tokenizer, [(id, prompt, shown, clean), ...])
+                                                        # {"memorisation", "memorisation_n"}
+    ref = reference_logprobs(ref_model, tokenizer, prompts, responses)
+    kl_from_reference(model, ref)                       # {"kl_ref", "kl_ref_tokens"}
+
+Every probe tokenises prompt + response with the chat template exactly as training does
+(`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
+(segment id 0 in pad slots) and runs one jitted forward per batch; the metric is reduced on the
+device, so only small arrays come back to the host (the [N, V] reference log-probabilities of
+`reference_logprobs` excepted). Repeated calls with the same shapes do not retrace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qtarget_jax.data.chat import tokenize_conversation
+from qtarget_jax.data.records import Conversation, Message
+from qtarget_jax.problems.examples import EvalExample
+
+PAD_MULTIPLE = 16   # row width (and gathered-row count) rounded up to this: few distinct shapes
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions over arrays.
+
+
+def token_accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Greedy next-token hits where `mask`.
+
+    Args:
+      logits: [B, T, V] float32; labels: [B, T] int32; mask: [B, T] bool.
+    Returns:
+      (correct, total) float32 scalars: count of argmax(logits) == labels where mask, count of
+      mask. Positions outside the mask never count, whatever their logits (NaN included).
+    """
+    hit = (jnp.argmax(logits, axis=-1) == labels) & mask
+    return hit.sum().astype(jnp.float32), mask.sum().astype(jnp.float32)
+
+
+def preference(logits: jax.Array, position: jax.Array, preferred: jax.Array,
+               other: jax.Array) -> jax.Array:
+    """Whether each row's logits prefer one token over another at one position.
+
+    Args:
+      logits: [B, T, V] float32; position, preferred, other: [B] int32.
+    Returns:
+      [B] bool: logits[b, position[b], preferred[b]] > logits[b, position[b], other[b]].
+    """
+    rows = logits[jnp.arange(logits.shape[0]), position]                  # [B, V]
+    take = lambda ids: jnp.take_along_axis(rows, ids[:, None], axis=-1)[:, 0]
+    return take(preferred) > take(other)
+
+
+def kl_rows(ref_logp: jax.Array, logp: jax.Array) -> jax.Array:
+    """KL(ref || model) per row.
+
+    Args:
+      ref_logp, logp: [N, V] float32 log-probabilities (log-softmax) of the reference and the
+        model.
+    Returns:
+      [N] float32: sum_v exp(ref) * (ref - logp); a vocabulary entry whose reference
+      probability is 0 (ref = -inf) contributes exactly 0.
+    """
+    p = jnp.exp(ref_logp)
+    terms = jnp.where(p > 0, p * (ref_logp - logp), 0.0)
+    return terms.sum(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text helpers.
+
+_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
+_STEP_RESULT = re.compile(r"=[ \t]*(" + _NUMBER + ")")    # "5 + 3 = 8" -> "8"
+_FINAL = re.compile(r"####[ \t]*" + _NUMBER)             # "#### 8" -> "#### 8"
+
+
+def answer_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the answer tokens of a worked solution, sorted.
+
+    The answer tokens are each step's result (the number right after an ``=``: ``5 + 3 = 8``
+    gives the span of ``8``) and the final answer ``#### N`` (``####`` and N together). The
+    ``####`` pattern is not tied to a line start, so a text whose newlines a tokenizer dropped
+    still has its final answer found.
+    """
+    spans = [m.span(1) for m in _STEP_RESULT.finditer(text)]
+    spans += [m.span() for m in _FINAL.finditer(text)]
+    return sorted(spans)
+
+
+def token_char_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span ``[start, end)`` of each token in ``text = tokenizer.decode(ids)``.
+
+    Found by incremental decoding: token k ends where ``decode(ids[:k+1])`` stops agreeing with
+    ``text``, so a character made of several tokens' bytes (byte-level BPE) belongs to the token
+    that completes it, and the earlier ones get empty spans. The spans are contiguous and cover
+    ``text``: ``"".join(text[s:e] for s, e in spans) == text``. O(len(ids)^2) characters decoded.
+    """
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids)
+    spans, start = [], 0
+    for k in range(1, len(ids) + 1):
+        end = len(text) if k == len(ids) else len(os.path.commonprefix(
+            [tokenizer.decode(ids[:k]), text]))
+        end = max(end, start)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def _overlaps(span: tuple[int, int], targets: list[tuple[int, int]]) -> bool:
+    return any(span[0] < e and s < span[1] for s, e in targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the jitted forwards.
+
+
+def _conversation(prompt: Any, response: str, where: str) -> Conversation:
+    """prompt (a user string, or messages as dicts / `Message`s) + one assistant turn."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"{where}: prompt must be a string or a non-empty list of messages, "
+                         f"got {prompt!r:.80}")
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError(f"{where}: response must be non-empty text, got {response!r:.80}")
+    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in prompt]
+    return tuple(msgs) + (Message("assistant", response),)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+
+def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _right_pad(rows: Sequence[np.ndarray], num_rows: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens, positions, segment_ids [num_rows, W] int32 (W = longest row rounded up to
+    PAD_MULTIPLE): each row's tokens from slot 0 with positions 0, 1, ... and segment 1; pad
+    slots (and rows past len(rows)) hold token 0, position 0, segment 0."""
+    width = _round_up(max(len(r) for r in rows))
+    tokens = np.zeros((num_rows, width), np.int32)
+    positions = np.zeros((num_rows, width), np.int32)
+    segments = np.zeros((num_rows, width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        positions[i, :len(row)] = np.arange(len(row))
+        segments[i, :len(row)] = 1
+    return tokens, positions, segments
+
+
+def _chunks(n: int, batch_size: int) -> list[range]:
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _accuracy_step(graphdef: Any, state: Any, tokens, positions, segment_ids, labels, mask):
+    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+    return token_accuracy(logits, labels, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _preference_step(graphdef: Any, state: Any, tokens, positions, segment_ids, position,
+                     preferred, other):
+    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+    return preference(logits, position, preferred, other)
+
+
+def _gather_logp(graphdef: Any, state: Any, tokens, positions, segment_ids, flat_index):
+    """log-softmax [K, V] float32 at flat positions [K] int32 of the [B*T] grid."""
+    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+    rows = logits.reshape(-1, logits.shape[-1])[flat_index]
+    return jax.nn.log_softmax(rows.astype(jnp.float32), axis=-1)
+
+
+_logp_step = jax.jit(_gather_logp, static_argnames=("graphdef",))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _kl_step(graphdef: Any, state: Any, tokens, positions, segment_ids, flat_index, ref_logp,
+             valid):
+    logp = _gather_logp(graphdef, state, tokens, positions, segment_ids, flat_index)
+    return jnp.where(valid, kl_rows(ref_logp, logp), 0.0).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level probes.
+
+
+def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExample],
+                          *, batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced greedy accuracy on the answer tokens of the reference solutions.
+
+    Each example's prompt + reference is tokenised with the chat template as in training; the
+    reference tokens (the supervised ones) are decoded and `answer_spans` is applied to that
+    text (the reference itself for a lossless tokenizer); a reference token counts when its
+    character span (`token_char_spans`) overlaps an answer span, and is a hit when the argmax of
+    the logits at the position before it is that token.
+
+    Args:
+      model: a Decoder, `model(tokens [B, T] int32, positions, segment_ids) -> [B, T, V]`.
+      examples: `EvalExample`s with a reference.
+      batch_size: rows per forward (the last batch is padded to the same size).
+    Returns:
+      {"answer_token_acc": hits / answer tokens, "answer_tokens": count} as floats.
+    Raises:
+      ValueError: no examples, an example without a reference, or a reference without answer
+        tokens (naming the example id).
+    """
+    _check_batch_size(batch_size)
+    if not examples:
+        raise ValueError("answer_token_accuracy: no examples")
+    inputs, labels = [], []
+    for ex in examples:
+        if ex.reference is None:
+            raise ValueError(f"answer_token_accuracy: example {ex.id!r} has no reference")
+        where = f"example {ex.id!r}"
+        ids, mask = tokenize_conversation(tokenizer, _conversation(ex.prompt, ex.reference,
+                                                                   where), where)
+        resp = np.flatnonzero(mask)                           # indices into ids
+        text = tokenizer.decode(ids[resp].tolist())
+        targets = answer_spans(text)
+        spans = token_char_spans(tokenizer, ids[resp].tolist())
+        answer = [j for j, sp in zip(resp, spans) if _overlaps(sp, targets)]
+        if not answer:
+            raise ValueError(f"answer_token_accuracy: example {ex.id!r}: reference has no answer "
+                             f"tokens (no '= N' step result or '#### N' in {text!r:.120})")
+        label = np.full(len(ids) - 1, -1, np.int32)           # label[t] = ids[t + 1] at answers
+        label[np.asarray(answer) - 1] = ids[np.asarray(answer)]
+        inputs.append(ids[:-1])
+        labels.append(label)
+    graphdef, state = nnx.split(model)
+    bsz = min(batch_size, len(inputs))
+    correct = total = 0.0
+    for chunk in _chunks(len(inputs), bsz):
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+        lab = np.full(tokens.shape, -1, np.int32)
+        for r, i in enumerate(chunk):
+            lab[r, :len(labels[i])] = labels[i]
+        c, t = _accuracy_step(graphdef, state, tokens, positions, segments, lab, lab >= 0)
+        correct += float(c)
+        total += float(t)
+    return {"answer_token_acc": correct / total, "answer_tokens": total}
+
+
+def memorisation(model: nnx.Module, tokenizer: Any,
+                 pairs: Sequence[tuple[str, Any, str, str]], *, batch_size: int = 16
+                 ) -> dict[str, float]:
+    """Share of corrupted demonstrations whose corrupted token the model prefers.
+
+    Each pair is ``(id, prompt, shown, clean)``: prompt messages (or a user string), the shown
+    (corrupted) response and the clean response (the same text with the correct numbers).
+    Both are tokenised with the chat template; the first token where the two id sequences
+    differ is the corrupted one. On the teacher-forced SHOWN sequence, the logits at the
+    position before it are compared: memorised when logit[shown token] > logit[clean token].
+
+    Args:
+      model: a Decoder; pairs: see above; batch_size: rows per forward.
+    Returns:
+      {"memorisation": share of pairs memorised in [0, 1], "memorisation_n": number of pairs}.
+    Raises:
+      ValueError: no pairs, a malformed pair, or shown and clean whose ids do not differ in a
+        common position (identical, or one a prefix of the other), naming the id.
+    """
+    _check_batch_size(batch_size)
+    if not pairs:
+        raise ValueError("memorisation: no pairs")
+    inputs, where_at, shown_tok, clean_tok = [], [], [], []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 4:
+            raise ValueError(f"memorisation: pairs[{k}] must be (id, prompt, shown, clean), "
+                             f"got {pair!r:.120}")
+        pid, prompt, shown, clean = pair
+        where = f"pair {pid!r}"
+        ids_s, _ = tokenize_conversation(tokenizer, _conversation(prompt, shown, where), where)
+        ids_c, _ = tokenize_conversation(tokenizer, _conversation(prompt, clean, where), where)
+        n = min(len(ids_s), len(ids_c))
+        diff = np.flatnonzero(ids_s[:n] != ids_c[:n])
+        if diff.size == 0:
+            kind = "identical" if len(ids_s) == len(ids_c) else "differ only in length"
+            raise ValueError(f"memorisation: {where}: shown and clean token ids are {kind}; "
+                             "no corrupted position")
+        j = int(diff[0])
+        inputs.append(ids_s[:-1])
+        where_at.append(j - 1)
+        shown_tok.append(int(ids_s[j]))
+        clean_tok.append(int(ids_c[j]))
+    graphdef, state = nnx.split(model)
+    bsz = min(batch_size, len(inputs))
+    hits = 0
+    for chunk in _chunks(len(inputs), bsz):
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+        vec = lambda xs: np.asarray([xs[i] for i in chunk] + [0] * (bsz - len(chunk)), np.int32)
+        pref = _preference_step(graphdef, state, tokens, positions, segments, vec(where_at),
+                                vec(shown_tok), vec(clean_tok))
+        hits += int(np.asarray(pref)[:len(chunk)].sum())
+    return {"memorisation": hits / len(inputs), "memorisation_n": float(len(inputs))}
+
+
+@dataclasses.dataclass(frozen=True)
+class RefLogprobs:
+    """A reference model's next-token log-probabilities on responses, per batch.
+
+    tokens, positions, segment_ids: per batch, [B, W] int32 (right-padded, segment 0 = pad).
+    response_masks: per batch, [B, W] bool: positions whose next token is a response token
+      (the assistant turn and its closing template token).
+    logp: [N, V] float32 log-softmax of the reference at those positions, batches in order and
+      each batch's positions in row-major order (N = total of the masks).
+    """
+    tokens: tuple[np.ndarray, ...]
+    positions: tuple[np.ndarray, ...]
+    segment_ids: tuple[np.ndarray, ...]
+    response_masks: tuple[np.ndarray, ...]
+    logp: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.logp.shape[0])
+
+
+def _flat_index(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions [K] int32 of `mask` [B, W], padded with 0 to a multiple of PAD_MULTIPLE,
+    and valid [K] bool."""
+    idx = np.flatnonzero(mask)
+    k = _round_up(max(len(idx), 1))
+    flat = np.zeros(k, np.int32)
+    flat[:len(idx)] = idx
+    return flat, np.arange(k) < len(idx)
+
+
+def reference_logprobs(ref_model: nnx.Module, tokenizer: Any, prompts: Sequence[Any],
+                       responses: Sequence[str], *, batch_size: int = 16) -> RefLogprobs:
+    """The reference model's log-softmax at every response position of prompt + response.
+
+    Args:
+      ref_model: a Decoder (e.g. the model before fine-tuning).
+      prompts: user strings or message lists; responses: the assistant turns (same length).
+      batch_size: rows per forward.
+    Returns:
+      `RefLogprobs`; its `logp` is [N, V] float32 on the host (N response tokens: N * V * 4
+      bytes, so keep the responses few and short for a large vocabulary).
+    Raises:
+      ValueError: empty or unequal-length prompts / responses, an empty response.
+    """
+    _check_batch_size(batch_size)
+    if not prompts:
+        raise ValueError("reference_logprobs: no prompts")
+    if len(prompts) != len(responses):
+        raise ValueError(f"reference_logprobs: {len(prompts)} prompts but {len(responses)} "
+                         "responses")
+    inputs, masks = [], []
+    for k, (prompt, response) in enumerate(zip(prompts, responses)):
+        where = f"reference_logprobs: row {k}"
+        ids, mask = tokenize_conversation(tokenizer, _conversation(prompt, response, where),
+                                          where)
+        inputs.append(ids[:-1])
+        masks.append(mask[1:])
+    graphdef, state = nnx.split(ref_model)
+    bsz = min(batch_size, len(inputs))
+    out = {"tokens": [], "positions": [], "segment_ids": [], "response_masks": []}
+    logps = []
+    for chunk in _chunks(len(inputs), bsz):
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+        resp = np.zeros(tokens.shape, bool)
+        for r, i in enumerate(chunk):
+            resp[r, :len(masks[i])] = masks[i]
+        flat, valid = _flat_index(resp)
+        logp = _logp_step(graphdef, state, tokens, positions, segments, flat)
+        logps.append(np.asarray(logp, np.float32)[valid])
+        for key, arr in zip(out, (tokens, positions, segments, resp)):
+            out[key].append(arr)
+    return RefLogprobs(**{k: tuple(v) for k, v in out.items()},
+                       logp=np.concatenate(logps, axis=0))
+
+
+def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
+    """Mean over response tokens of KL(reference || model) on the batches of `ref`.
+
+    Args:
+      model: a Decoder with the reference's vocabulary; ref: from `reference_logprobs`.
+    Returns:
+      {"kl_ref": mean KL in nats, "kl_ref_tokens": number of response tokens} as floats.
+    Raises:
+      ValueError: a vocabulary size that differs from the reference's.
+    """
+    vocab = int(ref.logp.shape[1])
+    graphdef, state = nnx.split(model)
+    t0, p0, s0 = ref.tokens[0][:1, :1], ref.positions[0][:1, :1], ref.segment_ids[0][:1, :1]
+    v = int(jax.eval_shape(lambda: nnx.merge(graphdef, state)(t0, p0, s0)).shape[-1])
+    if v != vocab:
+        raise ValueError(f"kl_from_reference: model vocabulary {v} != reference {vocab}")
+    total, start = 0.0, 0
+    for tokens, positions, segments, resp in zip(ref.tokens, ref.positions, ref.segment_ids,
+                                                 ref.response_masks):
+        flat, valid = _flat_index(resp)
+        n = int(valid.sum())
+        rows = np.zeros((len(flat), vocab), np.float32)
+        rows[:n] = ref.logp[start:start + n]
+        start += n
+        total += float(_kl_step(graphdef, state, tokens, positions, segments, flat, rows, valid))
+    return {"kl_ref": total / ref.num_tokens, "kl_ref_tokens": float(ref.num_tokens)}

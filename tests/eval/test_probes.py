@@ -1,0 +1,319 @@
+"""Teacher-forced probes (qtarget_jax/problems/probes.py) against independent numpy
+recomputations: the pure array functions, the text helpers on real synthetic solutions, and the
+model-level probes on the tiny decoder + tiny byte-level tokenizer of conftest.py.
+
+The tiny tokenizer has one token per printable ASCII character (plus the merge "ab") and drops
+spaces and newlines, so the expected tokens of a text are its non-whitespace characters."""
+import functools
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qtarget_jax.data import synthetic
+from qtarget_jax.data.chat import tokenize_conversation
+from qtarget_jax.data.records import Message
+from qtarget_jax.models import Decoder
+from qtarget_jax.problems import (EvalExample, answer_spans, answer_token_accuracy,
+                                  kl_from_reference, kl_rows, memorisation, preference,
+                                  reference_logprobs, token_accuracy, token_char_spans)
+from qtarget_jax.problems import probes
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)   # default positions arange(T), one segment
+
+
+WIDTH = 64
+
+
+def _full_logits(model, ids):
+    """Logits [T, V] of ONE row, alone in its batch: the reference the batched probes must
+    reproduce. The row is followed by junk tokens in the same segment (one compiled width);
+    a causal model's logits at the row's positions cannot depend on them."""
+    assert len(ids) <= WIDTH
+    tokens = np.full((1, WIDTH), 5, np.int32)
+    tokens[0, :len(ids)] = ids
+    return np.asarray(_forward(*nnx.split(model), jnp.asarray(tokens))[0, :len(ids)])
+
+
+def _ids(tokenizer, prompt, response):
+    conv = (Message("user", prompt), Message("assistant", response))
+    return tokenize_conversation(tokenizer, conv, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+def test_token_accuracy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 7, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, size=(3, 7)).astype(np.int32)
+    labels[0, :4] = logits[0, :4].argmax(-1)          # some hits
+    mask = rng.random((3, 7)) < 0.6
+    logits[~mask] = np.nan                             # masked-out positions never count
+    correct, total = token_accuracy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    want = sum(int(np.argmax(logits[b, t]) == labels[b, t])
+               for b in range(3) for t in range(7) if mask[b, t])
+    assert correct.dtype == jnp.float32 and total.dtype == jnp.float32
+    assert float(correct) == want and float(total) == mask.sum()
+    assert 0 < want < mask.sum()
+
+
+def test_preference_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 6, 9)).astype(np.float32)
+    position = rng.integers(0, 6, 5).astype(np.int32)
+    preferred = rng.integers(0, 9, 5).astype(np.int32)
+    other = (preferred + 1 + rng.integers(0, 8, 5)).astype(np.int32) % 9
+    got = np.asarray(preference(jnp.asarray(logits), jnp.asarray(position),
+                                jnp.asarray(preferred), jnp.asarray(other)))
+    want = [logits[b, position[b], preferred[b]] > logits[b, position[b], other[b]]
+            for b in range(5)]
+    assert got.dtype == bool and got.tolist() == want
+    assert 0 < sum(want) < 5
+
+
+def test_kl_rows_matches_numpy_and_zero_on_itself():
+    from scipy.special import rel_entr
+    rng = np.random.default_rng(2)
+    ref = _log_softmax(rng.normal(size=(4, 10)) * 2).astype(np.float32)
+    model = _log_softmax(rng.normal(size=(4, 10)) * 2).astype(np.float32)
+    got = np.asarray(kl_rows(jnp.asarray(ref), jnp.asarray(model)))
+    want = rel_entr(np.exp(ref.astype(np.float64)), np.exp(model.astype(np.float64))).sum(-1)
+    assert got.shape == (4,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (got > 0).all()
+    np.testing.assert_array_equal(np.asarray(kl_rows(jnp.asarray(ref), jnp.asarray(ref))), 0.0)
+
+
+def test_kl_rows_zero_probability_entries_contribute_exactly_zero():
+    ref = np.log(np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], np.float32))   # -inf entries
+    model = np.log(np.array([[0.25, 0.25, 0.5], [0.5, 0.5, 0.0]], np.float32))
+    got = np.asarray(kl_rows(jnp.asarray(ref), jnp.asarray(model)))
+    np.testing.assert_allclose(got, [np.log(2.0), np.log(2.0)], rtol=1e-6)
+    assert np.isfinite(got).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text helpers.
+
+
+def _substrings(text):
+    return [text[s:e] for s, e in answer_spans(text)]
+
+
+def test_answer_spans_literal():
+    text = "Start: 5 apples.\n5 + 3 = 8\nMultiplying by 2: 8 * 2 = 16.\n#### 16"
+    assert answer_spans(text) == [(25, 26), (53, 55), (57, 64)]
+    assert _substrings(text) == ["8", "16", "#### 16"]
+    assert _substrings("x = -3 and y =1,234.5, z = 7.") == ["-3", "1,234.5", "7"]
+    assert _substrings("no answer here: 5 + 3") == []
+    assert _substrings("5+3=8.####8") == ["8", "####8"]      # whitespace dropped
+
+
+@pytest.mark.parametrize("noise", [None, "wrong_step", "wrong_answer"])
+def test_answer_spans_on_synthetic_solutions(noise):
+    rng = random.Random(7)
+    for _ in range(40):
+        p = synthetic.sample_problem(rng)
+        text = synthetic.solution(p, rng, noise)
+        lines = text.split("\n")
+        steps = [line.split("= ")[1].split(" ")[0].rstrip(".") for line in lines[1:-1]]
+        assert [int(s) for s in steps] != [] and lines[-1].startswith("#### ")
+        assert _substrings(text) == steps + [lines[-1]]
+        if noise is None:
+            assert steps == [str(v) for v in p.values()[1:]] and lines[-1] == f"#### {p.answer}"
+
+
+def test_token_char_spans_join_back(tokenizer):
+    text = "Start: 5 cabs.\n5 + 3 = 8\n#### 8"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    spans = token_char_spans(tokenizer, ids)
+    assert len(spans) == len(ids)
+    assert "".join(decoded[s:e] for s, e in spans) == decoded
+    assert [decoded[s:e] for s, e in spans] == [tokenizer.decode([i]) for i in ids]
+    assert "ab" in [decoded[s:e] for s, e in spans]            # the merge is one token
+
+
+class _Utf8Bytes:
+    """A byte-per-token tokenizer: decode is UTF-8 with replacement of incomplete characters."""
+
+    @staticmethod
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_token_char_spans_multibyte_character_goes_to_its_last_byte():
+    ids = list("a€b".encode())                         # a, 3 bytes of the euro sign, b
+    assert token_char_spans(_Utf8Bytes(), ids) == [(0, 1), (1, 1), (1, 1), (1, 2), (2, 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level probes.
+
+# (reference, the non-whitespace characters that are answer tokens: indexes into the reference
+#  with whitespace removed). A step result is followed by a word, so that the dropped newline
+#  does not glue it to the next line's first number.
+REFERENCES = [
+    ("Start: 5.\n5 + 3 = 8.\n#### 8", [12, 14, 15, 16, 17, 18]),
+    ("7 - 2 = 5 left\n5 * 3 = 15 now\n#### 15", [4, 13, 14, 18, 19, 20, 21, 22, 23]),
+    ("#### 42", [0, 1, 2, 3, 4, 5]),
+]
+
+
+def _examples():
+    return [EvalExample(f"ex{k}", [{"role": "user", "content": f"Q{k}: add"}], ref, "0")
+            for k, (ref, _) in enumerate(REFERENCES)]
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model):
+    """The tiny decoder at its initial scale: its greedy predictions hit some answer tokens of
+    REFERENCES (the x10 tiny_model hits none), so the accuracy check is not 0 == 0."""
+    return Decoder(tiny_model.cfg, rngs=nnx.Rngs(0))
+
+
+def test_answer_token_accuracy_matches_numpy(plain_model, tokenizer):
+    tiny_model = plain_model
+    hits = total = 0
+    for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
+        compact = "".join(ref.split())
+        assert [compact[i] for i in answer_chars] == list(
+            "".join("".join(s.split()) for s in _substrings(ref)))
+        ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
+        start = int(np.flatnonzero(mask)[0])
+        assert tokenizer.decode(ids[start:start + len(compact)].tolist()) == compact
+        logits = _full_logits(tiny_model, ids[:-1])
+        for i in answer_chars:
+            hits += int(np.argmax(logits[start + i - 1]) == ids[start + i])
+        total += len(answer_chars)
+    for batch_size in (2, 16):                          # a padded last batch; one batch
+        got = answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=batch_size)
+        assert got == {"answer_token_acc": hits / total, "answer_tokens": float(total)}
+    assert 0 < hits < total
+
+
+def test_answer_token_accuracy_does_not_retrace(tiny_model, tokenizer):
+    answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=2)
+    size = probes._accuracy_step._cache_size()
+    answer_token_accuracy(tiny_model, tokenizer, _examples()[::-1], batch_size=2)
+    assert probes._accuracy_step._cache_size() == size
+
+
+def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="no examples"):
+        answer_token_accuracy(tiny_model, tokenizer, [])
+    bad = EvalExample("no-nums", [{"role": "user", "content": "Q"}], "I do not know.", "0")
+    with pytest.raises(ValueError, match="'no-nums'.*no answer tokens"):
+        answer_token_accuracy(tiny_model, tokenizer, _examples() + [bad])
+    with pytest.raises(ValueError, match="'none'.*no reference"):
+        answer_token_accuracy(tiny_model, tokenizer,
+                              [EvalExample("none", [{"role": "user", "content": "Q"}], None, "0")])
+
+
+PAIRS = [("p0", "Q0", "5 + 3 = 9\n#### 9", "5 + 3 = 8\n#### 8"),
+         ("p1", "Q1 more", "2 * 3 = 6\n#### 7", "2 * 3 = 6\n#### 6"),
+         ("p2", "Q2", "#### 13", "#### 12"),
+         ("p3", "Q3", "1 + 1 = 3\n3 + 1 = 4\n#### 4", "1 + 1 = 2\n2 + 1 = 3\n#### 3")]
+
+
+def _manual_memorised(model, tokenizer, prompt, shown, clean):
+    """Corrupted position found on the text: the first differing non-whitespace character."""
+    a, b = "".join(shown.split()), "".join(clean.split())
+    i = next(k for k in range(len(a)) if a[k] != b[k])
+    ids, mask = _ids(tokenizer, prompt, shown)
+    j = int(np.flatnonzero(mask)[0]) + i
+    logits = _full_logits(model, ids[:-1])
+    return bool(logits[j - 1, tokenizer.convert_tokens_to_ids(a[i])]
+                > logits[j - 1, tokenizer.convert_tokens_to_ids(b[i])])
+
+
+def test_memorisation_matches_manual_comparison(tiny_model, tokenizer):
+    want = [_manual_memorised(tiny_model, tokenizer, *pair[1:]) for pair in PAIRS]
+    for batch_size in (3, 16):
+        got = memorisation(tiny_model, tokenizer, PAIRS, batch_size=batch_size)
+        assert got == {"memorisation": sum(want) / len(PAIRS), "memorisation_n": 4.0}
+    assert 0 < sum(want) < len(PAIRS)
+
+
+def test_memorisation_flips_when_shown_and_clean_swap(tiny_model, tokenizer):
+    # The prefix before the corrupted token is the same in both orders (causal model), so the
+    # compared logits are the same and the preference must flip.
+    for pid, prompt, shown, clean in PAIRS:
+        a = memorisation(tiny_model, tokenizer, [(pid, prompt, shown, clean)])["memorisation"]
+        b = memorisation(tiny_model, tokenizer, [(pid, prompt, clean, shown)])["memorisation"]
+        assert a + b == 1.0
+
+
+def test_memorisation_bad_input(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="no pairs"):
+        memorisation(tiny_model, tokenizer, [])
+    with pytest.raises(ValueError, match="'same'.*identical"):
+        memorisation(tiny_model, tokenizer, [("same", "Q", "#### 4", "#### 4")])
+    with pytest.raises(ValueError, match="'spaces'.*identical"):   # whitespace is dropped
+        memorisation(tiny_model, tokenizer, [("spaces", "Q", "#### 4", "####4")])
+    with pytest.raises(ValueError, match=r"pairs\[0\]"):
+        memorisation(tiny_model, tokenizer, [("x", "Q", "#### 4")])
+
+
+PROMPTS = ["Tell me a fact.", [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Name a colour."}], "Count: 1 2 3"]
+RESPONSES = ["Cats sleep a lot.", "Blue", "4 5 6 7"]
+
+
+def _perturbed(model, scale=0.05, seed=3):
+    out = nnx.clone(model)
+    params = nnx.state(out, nnx.Param)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(out, jax.tree.unflatten(tree, noisy))
+    return out
+
+
+def test_kl_from_reference_zero_on_itself_and_matches_numpy(tiny_model, tokenizer):
+    ref = reference_logprobs(tiny_model, tokenizer, PROMPTS, RESPONSES, batch_size=2)
+    assert ref.logp.dtype == np.float32 and len(ref.tokens) == 2
+    got = kl_from_reference(tiny_model, ref)
+    assert got["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+
+    other = _perturbed(tiny_model)
+    ref_rows, kls = [], []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        conv = ([Message("user", prompt)] if isinstance(prompt, str)
+                else [Message(**m) for m in prompt]) + [Message("assistant", response)]
+        ids, mask = tokenize_conversation(tokenizer, tuple(conv), "test")
+        at = np.flatnonzero(mask[1:])                   # positions predicting a response token
+        p = _log_softmax(_full_logits(tiny_model, ids[:-1])[at])
+        q = _log_softmax(_full_logits(other, ids[:-1])[at])
+        ref_rows.append(p)
+        kls.append((np.exp(p) * (p - q)).sum(-1))
+    kls = np.concatenate(kls)
+    np.testing.assert_allclose(ref.logp, np.concatenate(ref_rows), atol=1e-5)
+    assert ref.num_tokens == len(kls) == got["kl_ref_tokens"]
+    far = kl_from_reference(other, ref)
+    assert far["kl_ref"] > 1e-3
+    assert far["kl_ref"] == pytest.approx(kls.mean(), rel=1e-4)
+    assert far["kl_ref_tokens"] == float(len(kls))
+
+
+def test_reference_logprobs_bad_input(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="no prompts"):
+        reference_logprobs(tiny_model, tokenizer, [], [])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        reference_logprobs(tiny_model, tokenizer, ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="row 1: response must be non-empty"):
+        reference_logprobs(tiny_model, tokenizer, ["a", "b"], ["c", " "])
