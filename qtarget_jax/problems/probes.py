@@ -9,9 +9,11 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
 
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
-(segment id 0 in pad slots) and runs one jitted forward per batch; the metric is reduced on the
-device, so only small arrays come back to the host (the [N, V] reference log-probabilities of
-`reference_logprobs` excepted). Repeated calls with the same shapes do not retrace.
+(segment id 0 in pad slots) and runs one jitted forward per batch, the same jitted function
+for every probe (one compile per batch shape); a small jitted reduction turns the logits into the
+metric on the device, so only small arrays come back to the host (the [N, V] reference
+log-probabilities of `reference_logprobs` excepted). Repeated calls with the same shapes do not
+retrace.
 """
 from __future__ import annotations
 
@@ -171,33 +173,27 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _accuracy_step(graphdef: Any, state: Any, tokens, positions, segment_ids, labels, mask):
-    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
-    return token_accuracy(logits, labels, mask)
+def _forward(graphdef: Any, state: Any, tokens, positions, segment_ids) -> jax.Array:
+    """The one jitted forward of every probe: logits [B, W, V] float32, left on the device for
+    the jitted reduction that follows (one compile per (B, W), shared by all probes)."""
+    return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _preference_step(graphdef: Any, state: Any, tokens, positions, segment_ids, position,
-                     preferred, other):
-    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
-    return preference(logits, position, preferred, other)
+_accuracy = jax.jit(token_accuracy)
+_preference = jax.jit(preference)
 
 
-def _gather_logp(graphdef: Any, state: Any, tokens, positions, segment_ids, flat_index):
-    """log-softmax [K, V] float32 at flat positions [K] int32 of the [B*T] grid."""
-    logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+@jax.jit
+def _gather_logp(logits: jax.Array, flat_index: jax.Array) -> jax.Array:
+    """log-softmax [K, V] float32 of logits [B, W, V] at flat positions [K] int32 of [B*W]."""
     rows = logits.reshape(-1, logits.shape[-1])[flat_index]
     return jax.nn.log_softmax(rows.astype(jnp.float32), axis=-1)
 
 
-_logp_step = jax.jit(_gather_logp, static_argnames=("graphdef",))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _kl_step(graphdef: Any, state: Any, tokens, positions, segment_ids, flat_index, ref_logp,
-             valid):
-    logp = _gather_logp(graphdef, state, tokens, positions, segment_ids, flat_index)
-    return jnp.where(valid, kl_rows(ref_logp, logp), 0.0).sum()
+@jax.jit
+def _kl_sum(logits, flat_index, ref_logp, valid) -> jax.Array:
+    """Sum over valid rows [K] bool of KL(ref_logp [K, V] || log-softmax of logits there)."""
+    return jnp.where(valid, kl_rows(ref_logp, _gather_logp(logits, flat_index)), 0.0).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +250,8 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
         lab = np.full(tokens.shape, -1, np.int32)
         for r, i in enumerate(chunk):
             lab[r, :len(labels[i])] = labels[i]
-        c, t = _accuracy_step(graphdef, state, tokens, positions, segments, lab, lab >= 0)
+        logits = _forward(graphdef, state, tokens, positions, segments)
+        c, t = _accuracy(logits, lab, lab >= 0)
         correct += float(c)
         total += float(t)
     return {"answer_token_acc": correct / total, "answer_tokens": total}
@@ -308,13 +305,13 @@ def memorisation(model: nnx.Module, tokenizer: Any,
     for chunk in _chunks(len(inputs), bsz):
         tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
         vec = lambda xs: np.asarray([xs[i] for i in chunk] + [0] * (bsz - len(chunk)), np.int32)
-        pref = _preference_step(graphdef, state, tokens, positions, segments, vec(where_at),
-                                vec(shown_tok), vec(clean_tok))
+        logits = _forward(graphdef, state, tokens, positions, segments)
+        pref = _preference(logits, vec(where_at), vec(shown_tok), vec(clean_tok))
         hits += int(np.asarray(pref)[:len(chunk)].sum())
     return {"memorisation": hits / len(inputs), "memorisation_n": float(len(inputs))}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RefLogprobs:
     """A reference model's next-token log-probabilities on responses, per batch.
 
@@ -382,7 +379,7 @@ def reference_logprobs(ref_model: nnx.Module, tokenizer: Any, prompts: Sequence[
         for r, i in enumerate(chunk):
             resp[r, :len(masks[i])] = masks[i]
         flat, valid = _flat_index(resp)
-        logp = _logp_step(graphdef, state, tokens, positions, segments, flat)
+        logp = _gather_logp(_forward(graphdef, state, tokens, positions, segments), flat)
         logps.append(np.asarray(logp, np.float32)[valid])
         for key, arr in zip(out, (tokens, positions, segments, resp)):
             out[key].append(arr)
@@ -401,6 +398,10 @@ def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
       ValueError: a vocabulary size that differs from the reference's.
     """
     vocab = int(ref.logp.shape[1])
+    masked = sum(int(m.sum()) for m in ref.response_masks)
+    if masked != ref.num_tokens:
+        raise ValueError(f"kl_from_reference: the response masks mark {masked} positions but "
+                         f"logp has {ref.num_tokens} rows")
     graphdef, state = nnx.split(model)
     t0, p0, s0 = ref.tokens[0][:1, :1], ref.positions[0][:1, :1], ref.segment_ids[0][:1, :1]
     v = int(jax.eval_shape(lambda: nnx.merge(graphdef, state)(t0, p0, s0)).shape[-1])
@@ -414,5 +415,6 @@ def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
         rows = np.zeros((len(flat), vocab), np.float32)
         rows[:n] = ref.logp[start:start + n]
         start += n
-        total += float(_kl_step(graphdef, state, tokens, positions, segments, flat, rows, valid))
+        logits = _forward(graphdef, state, tokens, positions, segments)
+        total += float(_kl_sum(logits, flat, rows, valid))
     return {"kl_ref": total / ref.num_tokens, "kl_ref_tokens": float(ref.num_tokens)}

@@ -200,17 +200,16 @@ def test_answer_token_accuracy_matches_numpy(plain_model, tokenizer):
         for i in answer_chars:
             hits += int(np.argmax(logits[start + i - 1]) == ids[start + i])
         total += len(answer_chars)
-    for batch_size in (2, 16):                          # a padded last batch; one batch
-        got = answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=batch_size)
-        assert got == {"answer_token_acc": hits / total, "answer_tokens": float(total)}
+    got = answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=2)  # 2 + 1 pad
+    assert got == {"answer_token_acc": hits / total, "answer_tokens": float(total)}
     assert 0 < hits < total
 
 
 def test_answer_token_accuracy_does_not_retrace(tiny_model, tokenizer):
     answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=2)
-    size = probes._accuracy_step._cache_size()
+    size = probes._forward._cache_size()
     answer_token_accuracy(tiny_model, tokenizer, _examples()[::-1], batch_size=2)
-    assert probes._accuracy_step._cache_size() == size
+    assert probes._forward._cache_size() == size
 
 
 def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
@@ -241,21 +240,27 @@ def _manual_memorised(model, tokenizer, prompt, shown, clean):
                 > logits[j - 1, tokenizer.convert_tokens_to_ids(b[i])])
 
 
-def test_memorisation_matches_manual_comparison(tiny_model, tokenizer):
+def test_memorisation_matches_manual_comparison(plain_model, tokenizer):
+    # plain_model: its preference differs between the corrupted token's position and the one
+    # after it on some pairs, so comparing at the wrong position fails here (tiny_model's
+    # does not).
+    tiny_model = plain_model
     want = [_manual_memorised(tiny_model, tokenizer, *pair[1:]) for pair in PAIRS]
-    for batch_size in (3, 16):
-        got = memorisation(tiny_model, tokenizer, PAIRS, batch_size=batch_size)
-        assert got == {"memorisation": sum(want) / len(PAIRS), "memorisation_n": 4.0}
+    got = memorisation(tiny_model, tokenizer, PAIRS, batch_size=3)   # rows 3 + 1 and 2 pad
+    assert got == {"memorisation": sum(want) / len(PAIRS), "memorisation_n": 4.0}
     assert 0 < sum(want) < len(PAIRS)
+    for pair, w in zip(PAIRS, want):   # per pair: 3 copies fill a batch of 3 (no new compile)
+        assert memorisation(tiny_model, tokenizer, [pair] * 3, batch_size=3)["memorisation"] == w
 
 
 def test_memorisation_flips_when_shown_and_clean_swap(tiny_model, tokenizer):
     # The prefix before the corrupted token is the same in both orders (causal model), so the
     # compared logits are the same and the preference must flip.
+    # Three copies of one pair: the share is that pair's 0 or 1.
     for pid, prompt, shown, clean in PAIRS:
-        a = memorisation(tiny_model, tokenizer, [(pid, prompt, shown, clean)])["memorisation"]
-        b = memorisation(tiny_model, tokenizer, [(pid, prompt, clean, shown)])["memorisation"]
-        assert a + b == 1.0
+        a = memorisation(tiny_model, tokenizer, [(pid, prompt, shown, clean)] * 3, batch_size=3)
+        b = memorisation(tiny_model, tokenizer, [(pid, prompt, clean, shown)] * 3, batch_size=3)
+        assert {a["memorisation"], b["memorisation"]} == {0.0, 1.0}
 
 
 def test_memorisation_bad_input(tiny_model, tokenizer):
@@ -275,12 +280,13 @@ RESPONSES = ["Cats sleep a lot.", "Blue", "4 5 6 7"]
 
 
 def _perturbed(model, scale=0.05, seed=3):
+    """A copy of `model` with N(0, scale^2) noise on every parameter (drawn with numpy)."""
+    rng = np.random.default_rng(seed)
     out = nnx.clone(model)
     params = nnx.state(out, nnx.Param)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(out, jax.tree.unflatten(tree, noisy))
+    nnx.update(out, jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype),
+        params))
     return out
 
 
