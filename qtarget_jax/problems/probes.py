@@ -139,7 +139,15 @@ def _conversation(prompt: Any, response: str, where: str) -> Conversation:
                          f"got {prompt!r:.80}")
     if not isinstance(response, str) or not response.strip():
         raise ValueError(f"{where}: response must be non-empty text, got {response!r:.80}")
-    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in prompt]
+    msgs = []
+    for i, m in enumerate(prompt):
+        if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(
+                m.get("content"), str):
+            m = Message(m["role"], m["content"])
+        if not isinstance(m, Message):
+            raise ValueError(f"{where}: prompt[{i}] must be a Message or a dict with string "
+                             f"'role' and 'content', got {m!r:.80}")
+        msgs.append(m)
     return tuple(msgs) + (Message("assistant", response),)
 
 

@@ -272,6 +272,8 @@ def test_memorisation_bad_input(tiny_model, tokenizer):
         memorisation(tiny_model, tokenizer, [("spaces", "Q", "#### 4", "####4")])
     with pytest.raises(ValueError, match=r"pairs\[0\]"):
         memorisation(tiny_model, tokenizer, [("x", "Q", "#### 4")])
+    with pytest.raises(ValueError, match=r"'y'.*prompt\[0\] must be a Message"):
+        memorisation(tiny_model, tokenizer, [("y", [{"role": "user"}], "#### 4", "#### 5")])
 
 
 PROMPTS = ["Tell me a fact.", [{"role": "system", "content": "Be brief."},
