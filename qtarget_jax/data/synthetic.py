@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+from typing import Sequence
 
 NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Lena",
          "Max", "Nora", "Omar", "Pia", "Ravi", "Sara", "Tom", "Uma", "Zoe")
@@ -95,32 +96,55 @@ def sample_problem(rng: random.Random) -> Problem:
     return Problem(rng.choice(NAMES), rng.choice(ITEMS), start, tuple(ops))
 
 
-def question(p: Problem, rng: random.Random) -> str:
-    parts = [rng.choice(_Q_START).format(name=p.name, a=p.start, item=p.item)]
-    parts += [rng.choice(_Q_OP[op]).format(name=p.name, b=b, item=p.item) for op, b in p.ops]
-    parts.append(rng.choice(_Q_END).format(name=p.name, item=p.item))
+def question(p: Problem, rng: random.Random, templates: Sequence[int] | None = None) -> str:
+    """The word problem; ``templates``: indices of the sentence templates to draw from."""
+    pick = _template_picker(templates)
+    parts = [pick(_Q_START, rng).format(name=p.name, a=p.start, item=p.item)]
+    parts += [pick(_Q_OP[op], rng).format(name=p.name, b=b, item=p.item) for op, b in p.ops]
+    parts.append(pick(_Q_END, rng).format(name=p.name, item=p.item))
     return " ".join(parts)
 
 
-def solution(p: Problem, rng: random.Random, noise: str | None = None) -> str:
-    """Worked solution lines and ``#### N``; ``noise`` in (None, "wrong_step", "wrong_answer")."""
+def solution(p: Problem, rng: random.Random, noise: str | None = None,
+             templates: Sequence[int] | None = None) -> str:
+    """Worked solution lines and ``#### N``; ``noise`` in (None, "wrong_step", "wrong_answer");
+    ``templates``: the indices of the line templates to draw from (default all)."""
+    return solution_pair(p, rng, noise, templates)[0]
+
+
+def solution_pair(p: Problem, rng: random.Random, noise: str | None = None,
+                  templates: Sequence[int] | None = None) -> tuple[str, str]:
+    """(shown, clean): the solution as written with ``noise``, and the same lines (same template
+    draws) with the correct numbers. Equal when ``noise`` is None."""
     if noise not in (None, "wrong_step", "wrong_answer"):
         raise ValueError(f"unknown noise kind {noise!r}")
+    pick = _template_picker(templates)
     bad_step = rng.randrange(len(p.ops)) if noise == "wrong_step" else -1
     delta = rng.randint(1, 3)
     # Off by -delta, or +delta when going down would make any later amount < 1.
     values = _chain(p, bad_step, -delta)
     if min(values) < 1:
         values = _chain(p, bad_step, delta)
-    lines = [rng.choice(_S_START).format(name=p.name, a=p.start, item=p.item)]
-    for k, (op, b) in enumerate(p.ops):
-        lines.append(rng.choice(_S_OP[op]).format(prev=values[k], b=b, new=values[k + 1],
-                                                  item=p.item))
+    start = pick(_S_START, rng).format(name=p.name, a=p.start, item=p.item)
+    steps = [pick(_S_OP[op], rng) for op, _ in p.ops]
     final = values[-1]
     if noise == "wrong_answer":
         final = final - delta if final - delta >= 1 and rng.random() < 0.5 else final + delta
-    lines.append(f"#### {final}")
-    return "\n".join(lines)
+
+    def render(vals: list[int], last: int) -> str:
+        lines = [start] + [t.format(prev=vals[k], b=b, new=vals[k + 1], item=p.item)
+                           for k, (t, (_, b)) in enumerate(zip(steps, p.ops))]
+        return "\n".join(lines + [f"#### {last}"])
+    return render(values, final), render(p.values(), p.answer)
+
+
+def _template_picker(templates: Sequence[int] | None):
+    """rng.choice over all templates, or over those at ``templates`` (same draw count)."""
+    if templates is None:
+        return lambda options, rng: rng.choice(options)
+    if not templates or any(not 0 <= t < 3 for t in templates):
+        raise ValueError(f"templates must be indices in 0..2, got {list(templates)}")
+    return lambda options, rng: rng.choice([options[t] for t in templates])
 
 
 def _chain(p: Problem, bad_step: int, delta: int) -> list[int]:
@@ -137,6 +161,22 @@ def extract_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def draw_problems(n: int, seed: int) -> list[Problem]:
+    """``n`` distinct problems drawn from ``Random(seed)`` in a fixed order (a longer draw
+    extends a shorter one)."""
+    rng = random.Random(seed)
+    seen, problems = set(), []
+    while len(problems) < n:
+        p = sample_problem(rng)
+        if p in seen:
+            continue
+        seen.add(p)
+        problems.append(p)
+        if len(seen) > 50 * n + 1000:
+            raise RuntimeError("could not draw enough distinct problems")
+    return problems
+
+
 def generate(n_train: int, n_test: int, *, seed: int = 0, noise: float = 0.0,
              phrasings: int = 2) -> dict[str, list[dict]]:
     """Returns ``{"train": rows, "test": rows}`` of chat rows (see module doc)."""
@@ -145,29 +185,58 @@ def generate(n_train: int, n_test: int, *, seed: int = 0, noise: float = 0.0,
     if phrasings < 1 or n_train < 0 or n_test < 0:
         raise ValueError(f"need phrasings >= 1 and n_train, n_test >= 0; got "
                          f"{phrasings}, {n_train}, {n_test}")
-    rng = random.Random(seed)
-    seen, problems = set(), []
-    while len(problems) < n_train + n_test:
-        p = sample_problem(rng)
-        if p in seen:
+    problems = draw_problems(n_train + n_test, seed)
+    return {"test": write_problems(problems[:n_test], "test", seed),
+            "train": write_problems(problems[n_test:], "train", seed, noise=noise,
+                                    phrasings=phrasings)}
+
+
+def write_problems(problems: Sequence[Problem], split: str, seed: int, *, noise: float = 0.0,
+                   phrasings: int = 1, templates: Sequence[int] | None = None) -> list[dict]:
+    """Chat rows ``{split}-{k}`` (``{split}-{k}-{j}`` for phrasing j when ``split`` is not
+    "test"), each from its own ``Random(f"{seed}-{split}-...")`` stream; a fraction ``noise``
+    corrupted. A corrupted row also carries ``clean``: the same lines with the right numbers."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    rows = []
+    for pid, p in enumerate(problems):
+        if split == "test":  # one clean row per problem (the original test-split ids)
+            r = random.Random(f"{seed}-test-{pid}")
+            rows.append(_row(f"test-{pid}", p, question(p, r, templates),
+                             solution(p, r, None, templates), None))
             continue
-        seen.add(p)
-        problems.append(p)
-        if len(seen) > 50 * (n_train + n_test) + 1000:
-            raise RuntimeError("could not draw enough distinct problems")
-    out: dict[str, list[dict]] = {"test": [], "train": []}
-    for pid, p in enumerate(problems[:n_test]):
-        r = random.Random(f"{seed}-test-{pid}")  # per-row streams: rows do not shift each other
-        out["test"].append(_row(f"test-{pid}", p, question(p, r), solution(p, r), None))
-    for pid, p in enumerate(problems[n_test:]):
         for k in range(phrasings):
-            r = random.Random(f"{seed}-train-{pid}-{k}")
+            r = random.Random(f"{seed}-{split}-{pid}-{k}")
             kind = None
             if r.random() < noise:
                 kind = r.choice(("wrong_step", "wrong_answer"))
-            out["train"].append(_row(f"train-{pid}-{k}", p, question(p, r),
-                                     solution(p, r, kind), kind))
-    return out
+            q = question(p, r, templates)
+            shown, clean = solution_pair(p, r, kind, templates)
+            row = _row(f"{split}-{pid}-{k}", p, q, shown, kind)
+            if kind is not None:
+                row["clean"] = clean
+            rows.append(row)
+    return rows
+
+
+_L_Q = ("Which number is the largest: {xs}?", "What is the biggest of these numbers: {xs}?",
+        "Find the largest number among {xs}.")
+
+
+def largest_rows(n: int, split: str, seed: int) -> list[dict]:
+    """A second skill (no arithmetic): ``n`` rows "which of these 3-5 numbers (1..99) is the
+    largest", answered ``The largest number is M.`` then ``#### M``; ids ``{split}-k``."""
+    rows = []
+    for k in range(n):
+        r = random.Random(f"{seed}-largest-{split}-{k}")
+        xs = r.sample(range(1, 100), r.randint(3, 5))
+        m = max(xs)
+        q = r.choice(_L_Q).format(xs=", ".join(map(str, xs)))
+        rows.append({"id": f"{split}-{k}", "answer": m, "noise": None,
+                     "messages": [{"role": "user", "content": q},
+                                  {"role": "assistant",
+                                   "content": f"The largest number is {m}.\n#### {m}"}]})
+    return rows
 
 
 def _row(rid: str, p: Problem, q: str, s: str, noise: str | None) -> dict:

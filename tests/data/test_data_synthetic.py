@@ -76,3 +76,34 @@ def test_extract_answer():
     assert synthetic.extract_answer("the answer is 12") is None
     with pytest.raises(ValueError, match="noise"):
         synthetic.generate(1, 1, noise=1.5)
+
+
+def test_solution_pair_keeps_the_template_draws_and_fixes_the_numbers():
+    import random
+
+    from qtarget_jax.data.synthetic import draw_problems, solution, solution_pair
+    for k, p in enumerate(draw_problems(30, seed=4)):
+        kind = ("wrong_step", "wrong_answer", None)[k % 3]
+        shown, clean = solution_pair(p, random.Random(k), kind)
+        assert shown == solution(p, random.Random(k), kind)       # same stream, same text
+        assert clean.endswith(f"#### {p.answer}")
+        assert (shown == clean) == (kind is None)
+        assert [line.rstrip("0123456789.") for line in shown.splitlines()][:1] == \
+            [line.rstrip("0123456789.") for line in clean.splitlines()][:1]
+        for t in (0, 1, 2):
+            text = solution(p, random.Random(k), None, templates=(t,))
+            # the first step line is template t of its operation
+            op = p.ops[0][0]
+            want = synthetic._S_OP[op][t].split("{")[0]
+            assert text.splitlines()[1].startswith(want), (t, text)
+
+
+def test_largest_rows_answer_the_maximum():
+    rows = synthetic.largest_rows(20, "x", seed=3)
+    for r in rows:
+        q, a = r["messages"][0]["content"], r["messages"][1]["content"]
+        numbers = [int(t) for t in re.findall(r"\d+", q)]
+        assert 3 <= len(numbers) <= 5 and r["answer"] == max(numbers)
+        assert synthetic.extract_answer(a) == max(numbers)
+    assert rows == synthetic.largest_rows(20, "x", seed=3)
+    assert rows != synthetic.largest_rows(20, "x", seed=4)
