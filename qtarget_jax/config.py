@@ -140,7 +140,7 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     dir: Optional[str] = None  # local path or gs://...; null: <run.dir>/checkpoints
-    every_steps: int = 100  # save interval (also saved at the end, on SIGTERM and on Ctrl-C)
+    every_steps: int = 100  # save interval (also at the end, on SIGTERM, Ctrl-C); 0: never
     keep: int = 3  # keep the last K checkpoints
     best_metric: Optional[str] = None  # e.g. "eval/loss": also keep the best by this metric
     best_mode: Literal["min", "max"] = "min"

@@ -12,7 +12,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -81,8 +81,16 @@ def _num_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def run(loaded: LoadedConfig) -> dict[str, Any]:
+Probes = Callable[[nnx.Module, int], dict[str, float]]
+
+
+def run(loaded: LoadedConfig, probes: Optional[Probes] = None) -> dict[str, Any]:
     """Trains per `loaded.config`; returns a summary (final step, last metrics, eval before/after).
+
+    probes: optional `probes(model, step) -> {name: float}`, extra metrics of the current model
+      (e.g. `qtarget_jax.problems.probes`) computed at every evaluation: before training, every
+      eval.every_steps and after the last step; logged beside the held-out loss. Called on
+      every process (a sharded model's forward is collective).
 
     Outputs under run.dir: config.yaml, metrics.jsonl, tb/, checkpoints/ (unless
     checkpoint.dir), curves.png, hf/ (checkpoint.export_hf).
@@ -127,29 +135,36 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
     eval_step = make_eval_step(built.shardings, bsh, rep, **graphs)
 
     # Fail at start-up, not after an hour: the checkpoint dir must be writable with room.
+    # checkpoint.every_steps=0: no checkpoints at all (a run that cannot resume).
     ckpt_dir = cfg.checkpoint.dir or str(run_dir / "checkpoints")
-    ckpt_lib.check_writable(ckpt_dir, need_bytes=2 * ckpt_lib.tree_bytes(
-        state.checkpoint_items()))
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep,
-                                 best_metric=cfg.checkpoint.best_metric,
-                                 best_mode=cfg.checkpoint.best_mode,
-                                 async_save=cfg.checkpoint.async_save)
+    ckpt = None
+    if cfg.checkpoint.every_steps > 0:
+        ckpt_lib.check_writable(ckpt_dir, need_bytes=2 * ckpt_lib.tree_bytes(
+            state.checkpoint_items()))
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep,
+                                     best_metric=cfg.checkpoint.best_metric,
+                                     best_mode=cfg.checkpoint.best_mode,
+                                     async_save=cfg.checkpoint.async_save)
     train_it = build.train_iterator(cfg.data, tokenizer)
     held_out = build.eval_batches(cfg.data, tokenizer, cfg.eval.batches)
     problems = _load_problems(cfg)
+    has_eval = bool(held_out or problems or probes)
 
     def evaluate_all(state, step_no: int) -> dict[str, float]:
-        """Held-out loss and diagnostics, plus accuracy on eval.problems when set."""
+        """Held-out loss and diagnostics, accuracy on eval.problems when set, and probes."""
         out = evaluate(eval_step, state, held_out, mesh) if held_out else {}
         if problems:
             out.update(_solve(problems, built.graphdef, state, tokenizer, cfg, step_no,
                               run_dir if lead else None))
+        if probes is not None:
+            model = nnx.merge(built.graphdef, state.params, state.rest)
+            out.update({k: float(v) for k, v in probes(model, step_no).items()})
         return out
 
     # Decide how to initialise. The order matters: fresh weights from model.source first; then,
     # if a complete checkpoint exists (and resume is on), its params, optimizer state, step, RNG
     # and data position replace them. The data position is restored, never replayed.
-    latest = ckpt.latest_step()
+    latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None and not cfg.checkpoint.resume:
         raise FileExistsError(f"checkpoint.dir={ckpt_dir!r} holds checkpoints up to step "
                               f"{latest} and checkpoint.resume=false: choose another "
@@ -162,7 +177,7 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
         log.info("resumed from %s step %d", ckpt_dir, latest)
     start = int(jax.device_get(state.step))
     summary: dict[str, Any] = {"start_step": start}
-    if start == 0 and (held_out or problems):
+    if start == 0 and has_eval:
         summary["eval_before"] = evaluate_all(state, 0)
 
     writer = metrics_lib.MetricsWriter(str(run_dir), active=lead,
@@ -207,11 +222,13 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
 
     def save(step_no: int, eval_metrics: Optional[dict] = None) -> None:
         flush()  # the state about to be saved must have a finite loss
+        if ckpt is None:
+            return
         saved[0] = step_no
         ckpt.save(step_no, state.checkpoint_items(), _all_process_states(train_it.get_state()),
                   metrics=eval_metrics or None)
 
-    step_no = start
+    step_no, ev = start, None
     with StopRequest() as stop:
         try:
             while step_no < cfg.run.steps and not stop:
@@ -221,21 +238,24 @@ def run(loaded: LoadedConfig) -> dict[str, Any]:
                 flush()  # previous step: it ran while this one was dispatched
                 pending = (step_no, m_dev)
                 ev = None
-                if (cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0
-                        and (held_out or problems)):
+                if cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0 and has_eval:
                     ev = evaluate_all(state, step_no)
                     writer.write(step_no, ev)
-                if step_no % cfg.checkpoint.every_steps == 0 or step_no == cfg.run.steps:
+                if (step_no == cfg.run.steps or cfg.checkpoint.every_steps
+                        and step_no % cfg.checkpoint.every_steps == 0):
                     save(step_no, ev)
             flush()
             if stop and saved[0] != step_no:
                 log.warning("%s: saving step %d and exiting", stop.signal, step_no)
                 save(step_no)
-            if step_no == cfg.run.steps and (held_out or problems):
-                summary["eval_after"] = evaluate_all(state, step_no)
-                writer.write(step_no, summary["eval_after"])
+            if step_no == cfg.run.steps and has_eval:
+                if ev is None:  # not already evaluated at this last step
+                    ev = evaluate_all(state, step_no)
+                    writer.write(step_no, ev)
+                summary["eval_after"] = ev
         finally:
-            ckpt.close()
+            if ckpt is not None:
+                ckpt.close()
             if bar is not None:
                 bar.close()
             writer.close()
