@@ -160,12 +160,12 @@ def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-def _right_pad(rows: Sequence[np.ndarray], num_rows: int
+def _right_pad(rows: Sequence[np.ndarray], num_rows: int, width: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tokens, positions, segment_ids [num_rows, W] int32 (W = longest row rounded up to
-    PAD_MULTIPLE): each row's tokens from slot 0 with positions 0, 1, ... and segment 1; pad
-    slots (and rows past len(rows)) hold token 0, position 0, segment 0."""
-    width = _round_up(max(len(r) for r in rows))
+    """tokens, positions, segment_ids [num_rows, W] int32 (W = `width`, default the longest row
+    rounded up to PAD_MULTIPLE): each row's tokens from slot 0 with positions 0, 1, ... and
+    segment 1; pad slots (and rows past len(rows)) hold token 0, position 0, segment 0."""
+    width = width or _round_up(max(len(r) for r in rows))
     tokens = np.zeros((num_rows, width), np.int32)
     positions = np.zeros((num_rows, width), np.int32)
     segments = np.zeros((num_rows, width), np.int32)
@@ -181,27 +181,26 @@ def _chunks(n: int, batch_size: int) -> list[range]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _forward(graphdef: Any, state: Any, tokens, positions, segment_ids) -> jax.Array:
-    """The one jitted forward of every probe: logits [B, W, V] float32, left on the device for
-    the jitted reduction that follows (one compile per (B, W), shared by all probes)."""
-    return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
-
-
-_accuracy = jax.jit(token_accuracy)
-_preference = jax.jit(preference)
-
-
-@jax.jit
-def _gather_logp(logits: jax.Array, flat_index: jax.Array) -> jax.Array:
-    """log-softmax [K, V] float32 of logits [B, W, V] at flat positions [K] int32 of [B*W]."""
-    rows = logits.reshape(-1, logits.shape[-1])[flat_index]
-    return jax.nn.log_softmax(rows.astype(jnp.float32), axis=-1)
+def _logits_at(graphdef: Any, state: Any, tokens, positions, segment_ids,
+               flat_index) -> jax.Array:
+    """The one jitted forward of every probe: logits [K, V] float32 at the flat positions
+    [K] int32 of [B * W] only (the trunk runs on [B, W]; the LM head only on the K rows the
+    probe reads, never [B, W, V])."""
+    model = nnx.merge(graphdef, state)
+    hidden = model(tokens, positions, segment_ids, return_hidden=True)
+    rows = hidden.reshape(-1, hidden.shape[-1])[flat_index]
+    return model.logits(rows).astype(jnp.float32)
 
 
 @jax.jit
-def _kl_sum(logits, flat_index, ref_logp, valid) -> jax.Array:
-    """Sum over valid rows [K] bool of KL(ref_logp [K, V] || log-softmax of logits there)."""
-    return jnp.where(valid, kl_rows(ref_logp, _gather_logp(logits, flat_index)), 0.0).sum()
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+@jax.jit
+def _kl_sum(logits, ref_logp, valid) -> jax.Array:
+    """Sum over valid rows [K] bool of KL(ref_logp [K, V] || log-softmax of logits [K, V])."""
+    return jnp.where(valid, kl_rows(ref_logp, jax.nn.log_softmax(logits, axis=-1)), 0.0).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,14 +251,19 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
         labels.append(label)
     graphdef, state = nnx.split(model)
     bsz = min(batch_size, len(inputs))
+    width = _round_up(max(len(r) for r in inputs))    # one [B, W] and one K for the call
+    chunks = _chunks(len(inputs), bsz)
+    k = _round_up(max(sum(int((labels[i] >= 0).sum()) for i in c) for c in chunks))
     correct = total = 0.0
-    for chunk in _chunks(len(inputs), bsz):
-        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+    for chunk in chunks:
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz, width)
         lab = np.full(tokens.shape, -1, np.int32)
         for r, i in enumerate(chunk):
             lab[r, :len(labels[i])] = labels[i]
-        logits = _forward(graphdef, state, tokens, positions, segments)
-        c, t = _accuracy(logits, lab, lab >= 0)
+        flat, valid = _flat_index(lab >= 0, k)
+        logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
+        c, t = token_accuracy(logits[None], jnp.asarray(lab.reshape(-1)[flat])[None],
+                              jnp.asarray(valid)[None])
         correct += float(c)
         total += float(t)
     return {"answer_token_acc": correct / total, "answer_tokens": total}
@@ -313,8 +317,10 @@ def memorisation(model: nnx.Module, tokenizer: Any,
     for chunk in _chunks(len(inputs), bsz):
         tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
         vec = lambda xs: np.asarray([xs[i] for i in chunk] + [0] * (bsz - len(chunk)), np.int32)
-        logits = _forward(graphdef, state, tokens, positions, segments)
-        pref = _preference(logits, vec(where_at), vec(shown_tok), vec(clean_tok))
+        flat = np.arange(bsz, dtype=np.int32) * tokens.shape[1] + vec(where_at)
+        logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
+        pref = preference(logits[:, None], np.zeros(bsz, np.int32), vec(shown_tok),
+                          vec(clean_tok))
         hits += int(np.asarray(pref)[:len(chunk)].sum())
     return {"memorisation": hits / len(inputs), "memorisation_n": float(len(inputs))}
 
@@ -340,11 +346,11 @@ class RefLogprobs:
         return int(self.logp.shape[0])
 
 
-def _flat_index(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions [K] int32 of `mask` [B, W], padded with 0 to a multiple of PAD_MULTIPLE,
-    and valid [K] bool."""
+def _flat_index(mask: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions [K] int32 of `mask` [B, W], padded with 0 to K (default: the count
+    rounded up to PAD_MULTIPLE), and valid [K] bool."""
     idx = np.flatnonzero(mask)
-    k = _round_up(max(len(idx), 1))
+    k = k or _round_up(max(len(idx), 1))
     flat = np.zeros(k, np.int32)
     flat[:len(idx)] = idx
     return flat, np.arange(k) < len(idx)
@@ -387,7 +393,7 @@ def reference_logprobs(ref_model: nnx.Module, tokenizer: Any, prompts: Sequence[
         for r, i in enumerate(chunk):
             resp[r, :len(masks[i])] = masks[i]
         flat, valid = _flat_index(resp)
-        logp = _gather_logp(_forward(graphdef, state, tokens, positions, segments), flat)
+        logp = _log_softmax(_logits_at(graphdef, state, tokens, positions, segments, flat))
         logps.append(np.asarray(logp, np.float32)[valid])
         for key, arr in zip(out, (tokens, positions, segments, resp)):
             out[key].append(arr)
@@ -423,6 +429,6 @@ def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
         rows = np.zeros((len(flat), vocab), np.float32)
         rows[:n] = ref.logp[start:start + n]
         start += n
-        logits = _forward(graphdef, state, tokens, positions, segments)
-        total += float(_kl_sum(logits, flat, rows, valid))
+        logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
+        total += float(_kl_sum(logits, rows, valid))
     return {"kl_ref": total / ref.num_tokens, "kl_ref_tokens": float(ref.num_tokens)}

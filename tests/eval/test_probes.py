@@ -207,9 +207,9 @@ def test_answer_token_accuracy_matches_numpy(plain_model, tokenizer):
 
 def test_answer_token_accuracy_does_not_retrace(tiny_model, tokenizer):
     answer_token_accuracy(tiny_model, tokenizer, _examples(), batch_size=2)
-    size = probes._forward._cache_size()
+    size = probes._logits_at._cache_size()
     answer_token_accuracy(tiny_model, tokenizer, _examples()[::-1], batch_size=2)
-    assert probes._forward._cache_size() == size
+    assert probes._logits_at._cache_size() == size
 
 
 def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
