@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast train data experiment clean
+.PHONY: venv test test-fast train data experiment experiment-quick clean
 
 SYNTH := data/tfds/jsonl_sft/synth/1.0.0
 TRAIN_RUN := runs/smollm2_target_sft
@@ -41,9 +41,15 @@ train: data
 	rm -rf $(TRAIN_RUN)
 	$(PY) train.py --config configs/smollm2_target_sft.yaml run.dir=$(TRAIN_RUN)
 
-# The experiment's quick mode (experiments/README.md): every method x 3 seeds on SmolLM2,
-# then the table and plot. Re-running resumes the finished runs of the same config.
+# The experiment in the paper's regime (experiments/README.md, docs/results.md): stage 0 (B0, T;
+# cached in experiments/cache/regime), then 6 methods x 3 seeds, then the table and curves.
+# Re-running resumes the finished runs of the same config.
 experiment: venv
+	$(PY) experiments/run.py --config experiments/regime.yaml
+	$(PY) experiments/report.py experiments/runs/regime
+
+# The "new skill from scratch" quick mode: 9 methods x 3 seeds from SmolLM2 as shipped.
+experiment-quick: venv
 	$(PY) experiments/run.py --config experiments/quick.yaml
 	$(PY) experiments/report.py experiments/runs/quick
 

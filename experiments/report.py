@@ -1,10 +1,11 @@
-"""Aggregates experiments/run.py's runs.jsonl into summary.json, table.md and accuracy.png.
+"""experiments/run.py's runs.jsonl -> summary.json, table.md and per-epoch curves (PNG).
 
-    .venv/bin/python experiments/report.py experiments/runs/quick
+    .venv/bin/python experiments/report.py experiments/runs/regime
 
-Per method: greedy exact-match accuracy and Average@k (mean over k samples per problem), each as
-mean ± standard deviation over seeds (and min-max), held-out loss, train-loss first/last; plus
-the model before fine-tuning and the teacher. Works on a partial runs.jsonl (methods so far).
+Per method, over seeds: mean ± sd and min-max of held-out greedy accuracy, Average@k,
+memorisation share, KL(B0 || model), answer-token accuracy and second-skill accuracy after the
+last epoch; the base B0 and the teacher T as reference rows; per-epoch curves (mean over seeds,
+min-max band) of answer-token accuracy, memorisation and KL. Works on a partial runs.jsonl.
 """
 from __future__ import annotations
 
@@ -14,119 +15,150 @@ import sys
 
 import numpy as np
 
+# (key in the records, column title, scale)
+COLUMNS = (("accuracy", "greedy acc %", 100), ("avg@", "Average@{k} %", 100),
+           ("memorisation", "memorised %", 100), ("kl_ref", "KL(B0‖model)", 1),
+           ("answer_token_acc", "answer-token acc %", 100),
+           ("skill_accuracy", "2nd-skill acc %", 100))
+CURVES = (("answer_token_acc", "held-out answer-token accuracy (%)", 100),
+          ("memorisation", "corrupted token preferred (%)", 100),
+          ("kl_ref", "KL(B0 || model) on off-task answers", 1))
 
-def load_runs(path: str) -> tuple[dict, list[dict], float, bool]:
-    """(config, eval events, wall seconds, finished) of the last config in `path`.
 
-    run.py resumes an interrupted experiment by re-logging the finished (method, seed) records
-    after a new `start` event, so the evals are those after the last start; the wall time is the
-    sum of every segment run under that config (each segment's last `elapsed_s`).
-    """
-    config, evals, segments, finished = {}, [], [], False
+def load_runs(path: str) -> tuple[dict, list[dict], list[dict], float, bool]:
+    """(config, stage-0 model records, run records, wall seconds, finished) of the last config.
+
+    A resumed experiment re-logs its finished records after a new `start` event, so records
+    are those after the last start; the wall time sums every segment under that config."""
+    config, models, runs, segments, finished = {}, [], [], [], False
     with open(path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if rec["event"] == "start":
                 if rec["config"] != config:
                     segments = []
-                config, evals, finished = rec["config"], [], False
+                config, models, runs, finished = rec["config"], [], [], False
                 segments.append(0.0)
-            elif rec["event"] == "eval":
-                evals.append(rec)
+            elif rec["event"] == "model":
+                models.append(rec)
+            elif rec["event"] == "run":
+                runs.append(rec)
             elif rec["event"] == "done":
                 finished = True
             if segments and "elapsed_s" in rec:
                 segments[-1] = rec["elapsed_s"]
-    return config, evals, float(sum(segments)), finished
+    return config, models, runs, float(sum(segments)), finished
 
 
-def summarize(evals: list[dict]) -> list[dict]:
-    """One row per method, in first-seen order, with mean/std/min/max over seeds."""
-    by_method: dict[str, list[dict]] = {}
-    for rec in evals:
-        by_method.setdefault(rec["method"], []).append(rec)
+def _key(key: str, k: int) -> str:
+    return f"avg@{k}" if key == "avg@" else key
+
+
+def _stats(values) -> dict:
+    v = np.asarray(values, float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max()), "n": int(v.size)}
+
+
+def summarize(models: list[dict], runs: list[dict], k: int) -> list[dict]:
+    """One row per stage-0 model and per method (first-seen order), stats over seeds."""
     rows = []
-    for method, recs in by_method.items():
-        row = {"method": method, "seeds": len(recs), "teacher": recs[0].get("teacher", "")}
-        for key in sorted(recs[0]):
-            if key.startswith("eval/") and key not in ("eval/n",):
-                vals = np.array([r[key] for r in recs], float)
-                row[key] = {"mean": float(vals.mean()), "std": float(vals.std()),
-                            "min": float(vals.min()), "max": float(vals.max())}
-        for key in ("train_loss_first", "train_loss_last", "train_s", "seconds"):
-            if key in recs[0]:
-                row[key] = float(np.mean([r[key] for r in recs]))
+    for m in models:
+        flat = {**m.get("per_epoch", {}), **m}
+        rows.append({"name": m["name"], "teacher": "-", "seeds": 1, "seconds": m["seconds"],
+                     **{_key(c, k): _stats([flat[_key(c, k)]]) for c, _, _ in COLUMNS
+                        if _key(c, k) in flat}})
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["name"], []).append(r)
+    for name, recs in by.items():
+        row = {"name": name, "teacher": recs[0]["teacher"], "seeds": len(recs),
+               "seconds": float(np.mean([r["seconds"] for r in recs])),
+               "eval_s": float(np.mean([r["eval_s"] for r in recs]))}
+        for c, _, _ in COLUMNS:
+            if _key(c, k) in recs[0]:
+                row[_key(c, k)] = _stats([r[_key(c, k)] for r in recs])
+        curves = {}
+        for c, _, _ in CURVES:
+            if c in recs[0]["epochs"][0]:
+                per_seed = np.array([[e[c] for e in r["epochs"]] for r in recs], float)
+                curves[c] = {"epoch": [e["epoch"] for e in recs[0]["epochs"]],
+                             "mean": per_seed.mean(0).tolist(), "min": per_seed.min(0).tolist(),
+                             "max": per_seed.max(0).tolist()}
+        row["curves"] = curves
         rows.append(row)
     return rows
 
 
-def _fmt(cell: dict | None, pct: bool = True) -> str:
-    if cell is None:
+def _cell(stat: dict | None, scale: float) -> str:
+    if stat is None:
         return "-"
-    scale = 100.0 if pct else 1.0
-    return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}" if pct else \
-        f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+    digits = 1 if scale == 100 else 3
+    if stat["n"] == 1:
+        return f"{scale * stat['mean']:.{digits}f}"
+    return (f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f} "
+            f"({scale * stat['min']:.{digits}f}-{scale * stat['max']:.{digits}f})")
 
 
 def markdown(rows: list[dict], config: dict, wall: float, finished: bool) -> str:
-    k = config.get("samples", 0)
-    avg_key = f"eval/avg@{k}"
-    head = ("| method | teacher | seeds | greedy acc % (mean ± sd) | greedy min-max | "
-            f"Average@{k} % | held-out loss | train loss first → last |")
-    lines = [head, "|" + "---|" * 8]
+    k = config["eval"]["samples"]
+    titles = [t.format(k=k) for _, t, _ in COLUMNS]
+    lines = ["| method | teacher | seeds | " + " | ".join(titles) + " | s / run |",
+             "|" + "---|" * (len(titles) + 4)]
     for r in rows:
-        acc = r.get("eval/accuracy")
-        span = "-" if acc is None else f"{100 * acc['min']:.0f}-{100 * acc['max']:.0f}"
-        train = ("-" if "train_loss_first" not in r else
-                 f"{r['train_loss_first']:.3f} → {r['train_loss_last']:.3f}")
-        lines.append(f"| {r['method']} | {r['teacher'] or '-'} | {r['seeds']} | {_fmt(acc)} | "
-                     f"{span} | {_fmt(r.get(avg_key))} | {_fmt(r.get('eval/loss'), False)} | "
-                     f"{train} |")
-    n = config.get("eval_problems")
-    lines.append("")
-    lines.append(f"{n} held-out problems; Average@{k}: mean accuracy of {k} samples per problem "
-                 f"(temperature {config.get('temperature')}); sd over seeds. "
-                 f"{config.get('steps')} steps of {config.get('batch_size')} packed row(s) of "
-                 f"{config.get('seq_len')} tokens at lr "
-                 f"{config.get('lr')} on {config.get('n_train')} problems x "
-                 f"{config.get('phrasings')} phrasings, noise {config.get('noise')}. Wall time: "
-                 f"{wall / 60:.1f} min{'' if finished else ' (run not finished)'}.")
+        cells = [_cell(r.get(_key(c, k)), s) for c, _, s in COLUMNS]
+        lines.append(f"| {r['name']} | {r['teacher']} | {r['seeds']} | " + " | ".join(cells)
+                     + f" | {r['seconds']:.0f} |")
+    d, e = config["data"], config["eval"]
+    lines += ["", f"Mean ± sd over seeds (min-max). {d['n_test']} held-out problems "
+              f"(one = {100 / max(d['n_test'], 1):.1f} points); Average@{k} at temperature "
+              f"{e['temperature']}; memorised: share of the corrupted positions of set B where "
+              "the model prefers the corrupted token to the correct one; KL(B0‖model): mean "
+              "per token on B0's own answers to off-task prompts; answer-token accuracy: "
+              "teacher-forced, step results and final line of the held-out references; "
+              f"2nd skill: {d['n_skill_test']} held-out 'largest number' questions. Stage 1: "
+              f"{config['stage1']['epochs']} epochs of {d['n_b']} problems, noise "
+              f"{d['noise']}. Wall time: {wall / 60:.1f} min"
+              f"{'' if finished else ' (not finished)'}."]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], k: int, path: str) -> None:
+def plot_curves(rows: list[dict], path: str) -> None:
+    """One panel per per-epoch metric: mean over seeds per method, min-max band."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(rows), 4.0))
-    for off, key, label in ((-0.2, "eval/accuracy", "greedy"),
-                            (0.2, f"eval/avg@{k}", f"Average@{k}")):
-        mean = [100 * r[key]["mean"] if key in r else np.nan for r in rows]
-        err = [[100 * (r[key]["mean"] - r[key]["min"]) if key in r else 0 for r in rows],
-               [100 * (r[key]["max"] - r[key]["mean"]) if key in r else 0 for r in rows]]
-        ax.bar(x + off, mean, 0.4, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("held-out exact-match accuracy (%)\n(bars: mean; whiskers: min-max seeds)")
-    ax.legend()
+    methods = [r for r in rows if r.get("curves")]
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5.0 * len(CURVES), 4.0))
+    for ax, (key, title, scale) in zip(np.atleast_1d(axes), CURVES):
+        for r in methods:
+            c = r["curves"].get(key)
+            if c is None:
+                continue
+            x = np.asarray(c["epoch"])
+            line, = ax.plot(x, scale * np.asarray(c["mean"]), marker="o", label=r["name"])
+            ax.fill_between(x, scale * np.asarray(c["min"]), scale * np.asarray(c["max"]),
+                            color=line.get_color(), alpha=0.12)
+        ax.set_xlabel("epoch of set B")
+        ax.set_title(title, fontsize=10)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(out_dir: str) -> str:
-    config, evals, wall, finished = load_runs(os.path.join(out_dir, "runs.jsonl"))
-    rows = summarize(evals)
+    config, models, runs, wall, finished = load_runs(os.path.join(out_dir, "runs.jsonl"))
+    rows = summarize(models, runs, config["eval"]["samples"])
     table = markdown(rows, config, wall, finished)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"config": config, "wall_s": wall, "finished": finished, "methods": rows},
+        json.dump({"config": config, "wall_s": wall, "finished": finished, "rows": rows},
                   f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    plot(rows, config.get("samples", 0), os.path.join(out_dir, "accuracy.png"))
+    if any(r.get("curves") for r in rows):
+        plot_curves(rows, os.path.join(out_dir, "curves.png"))
     print(table)
     return table
 

@@ -1,85 +1,127 @@
-"""Target-SFT vs SFT and friends on SmolLM2-135M-Instruct with noisy synthetic demonstrations.
+"""Does Target-SFT protect a competent model from noisy, off-policy demonstrations?
 
-    .venv/bin/python experiments/run.py --config experiments/quick.yaml  # experiments/README.md
+    .venv/bin/python experiments/run.py --config experiments/regime.yaml   # docs/results.md
+    .venv/bin/python experiments/report.py experiments/runs/regime
 
-One process, methods run one after the other: every run starts from the same initial weights
-and uses the training step of `qtarget_jax.train` (the `make train` code); a method's jitted
-step is compiled once and reused for all its seeds (same shapes; TargetSpec is static). The
-teacher for Target-SFT / distillation is SmolLM2 briefly fine-tuned on CLEAN demonstrations of
-the same problems, saved as a Hugging Face folder under `teacher_dir` and reused when present;
-methods may instead use the frozen initial model as teacher (`teacher: initial`).
+Stage 0 (cached under `cache_dir`): the synthetic sets (JSONL, then tfds folders written by the
+data package's `prepare`), the base B0 = `base_source` after clean SFT on set A (one solution
+template, plus a second skill), the teacher T = B0 after further clean SFT, and B0's own answers
+to off-task prompts. Stage 1: every method x seed fine-tunes B0 for `stage1.epochs` epochs on
+set B (disjoint problems, other templates, a fraction corrupted).
 
-Outputs (under `out_dir`): `runs.jsonl` (one line per (method, seed): metrics, wall time),
-`summary.json`, `table.md` and `accuracy.png` (written by experiments/report.py), and
-`eval_<method>_<seed>.jsonl` per-example outputs.
+Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig` from
+`qtarget_jax.config.load_config(train_job, overrides)`: the data pipeline, step, optimizer and
+teacher handling are the library's. The per-epoch metrics are `probes` passed to the loop
+(`qtarget_jax.problems.probes`); accuracy and Average@k are `qtarget_jax.problems.solve`.
+
+Outputs (`out_dir`): `runs.jsonl` (one `model` line per stage-0 model, one `run` line per
+(method, seed) with per-epoch metrics, final metrics and timings), `runs/<method>_<seed>/` (the
+loop's config.yaml and metrics.jsonl), `eval_<name>.jsonl` per-problem outputs. Re-running the
+same command resumes: finished runs of the same config are kept.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
 import yaml
-from flax import nnx
 
-from qtarget_jax.config import OptimSection, ScheduleSection
-from qtarget_jax.data.chat import tokenize_conversation, to_training_example
-from qtarget_jax.data.packing import build_rows, pack_bins
-from qtarget_jax.data.records import row_to_conversation
-from qtarget_jax.data.synthetic import generate as synth_generate
-from qtarget_jax.evaluate import EvalExample, evaluate_model
-from qtarget_jax.models.sharding import LOGICAL_RULES
-from qtarget_jax.targets import spec_from_dict
-from qtarget_jax.train import mesh as mesh_lib
-from qtarget_jax.train.optim import make_optimizer
-from qtarget_jax.train.state import init_state
-from qtarget_jax.train.step import jit_train_step, logits_loss
+from qtarget_jax.data import synthetic
+
+SETS = ("a", "b", "teacher", "test", "skill_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The synthetic sets (all problems distinct, drawn from one stream of `seed`)."""
+    seed: int = 0
+    n_test: int = 40           # held-out problems (clean); one problem = 100 / n_test points
+    n_a: int = 96              # stage 0 arithmetic problems (a_templates)
+    n_skill: int = 32          # stage 0 second-skill rows ("largest number")
+    n_skill_test: int = 40     # second-skill held-out rows
+    n_b: int = 24              # stage 1 problems (b_templates), a fraction `noise` corrupted
+    n_teacher: int = 96        # extra clean problems for the teacher (t_templates)
+    noise: float = 0.4
+    a_templates: tuple[int, ...] = (0,)
+    b_templates: tuple[int, ...] = (1, 2)
+    t_templates: tuple[int, ...] = (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A fine-tuning stage: `epochs` over its set; `overrides` are load_config key=value."""
+    epochs: int = 1
+    overrides: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str               # row label in the table
-    target: dict            # loss.target mapping ({preset: ..., knobs})
-    teacher: str = "none"   # none | trained | initial (pi_ref / pi_T of the target)
+    name: str
+    target: dict
+    teacher: str = "none"      # none | T (the clean teacher) | B0 (the frozen base)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    model: str = "smollm2"          # load_model source
-    scan_layers: bool = True        # nnx.scan; unrolled layers step ~25% faster on CPU but
-    #                                 compile longer (teacher methods: +10 s), no net gain
-    n_train: int = 200              # distinct training problems (x phrasings rows)
-    n_test: int = 50                # held-out problems (clean)
-    phrasings: int = 2
-    noise: float = 0.4              # fraction of corrupted training demonstrations
-    data_seed: int = 0
-    seq_len: int = 480              # packed row length; a longer example is an error
-    batch_size: int = 2             # packed rows per step (about seq_len / 117 examples each)
-    steps: int = 30
-    lr: float = 5.0e-5
-    warmup_steps: int = 2
+class EvalSpec:
+    samples: int = 4                 # Average@k at `temperature`
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 40             # prompts per decode call
+    skill_max_new_tokens: int = 24
+    offtask_max_new_tokens: int = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    out_dir: str
+    cache_dir: str
+    train_job: str                   # TrainConfig job file every run starts from
+    base_source: str = "smollm2"     # model.source of stage 0
+    data: DataSpec = DataSpec()
+    base: Stage | None = Stage(2)    # null: B0 is base_source itself (no stage-0 SFT)
+    teacher: Stage = Stage(1)
+    stage1: Stage = Stage(3)
     seeds: tuple[int, ...] = (0, 1, 2)
-    teacher_steps: int = 30         # fine-tuning of the teacher on clean demonstrations
-    teacher_lr: float = 5.0e-5
-    teacher_dir: str = "experiments/cache/teacher"
-    eval_problems: int = 50         # first n of the test split
-    eval_seq_len: int = 160         # rows of the held-out loss (one example each)
-    max_new_tokens: int = 72
-    eval_batch: int = 50            # prompts per decode call (x (1 + samples) rows)
-    samples: int = 4                # Average@k: k sampled outputs per problem (0: greedy only)
-    temperature: float = 0.7
-    out_dir: str = "experiments/runs/quick"
+    eval: EvalSpec = EvalSpec()
+    offtask_prompts: str = "experiments/offtask_prompts.jsonl"
     methods: tuple[Method, ...] = ()
 
 
-def load_experiment(path: str, overrides: list[str]) -> ExperimentConfig:
-    """YAML file + `key=value` overrides (YAML-parsed) -> ExperimentConfig; unknown keys raise."""
+def _build(cls, raw: Any, where: str):
+    """A frozen dataclass from a mapping; unknown keys are an error naming `where`."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    out = {}
+    for key, value in raw.items():
+        sub = {"data": DataSpec, "teacher": Stage, "stage1": Stage, "base": Stage,
+               "eval": EvalSpec}.get(key) if cls is Experiment else None
+        if sub is not None and value is not None:
+            value = _build(sub, value, f"{where}: {key}")
+        elif key == "methods":
+            value = tuple(_build(Method, m, f"{where}: methods[{i}]")
+                          for i, m in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    try:
+        return cls(**out)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_experiment(path: str, overrides: list[str]) -> Experiment:
+    """The experiment YAML with top-level `key=value` overrides (YAML values) applied."""
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     for item in overrides:
@@ -87,139 +129,201 @@ def load_experiment(path: str, overrides: list[str]) -> ExperimentConfig:
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
         raw[key] = yaml.safe_load(value)
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(fields)}")
-    methods = tuple(Method(**m) for m in raw.pop("methods", []))
-    for m in methods:
-        if m.teacher not in ("none", "trained", "initial"):
-            raise ValueError(f"{path}: method {m.name}: teacher={m.teacher!r}, expected "
-                             "none, trained or initial")
+    exp = _build(Experiment, raw, path)
+    if not exp.methods:
+        raise ValueError(f"{path}: no methods")
+    for m in exp.methods:
+        if m.teacher not in ("none", "T", "B0"):
+            raise ValueError(f"{path}: method {m.name}: teacher={m.teacher!r}, expected none, "
+                             "T or B0")
+        from qtarget_jax.targets import spec_from_dict
         if spec_from_dict(m.target).needs_teacher != (m.teacher != "none"):
             raise ValueError(f"{path}: method {m.name}: target {m.target} and teacher="
                              f"{m.teacher!r} disagree on needing a teacher")
-    if "seeds" in raw:
-        raw["seeds"] = tuple(raw["seeds"])
-    return ExperimentConfig(**raw, methods=methods)
+    return exp
 
 
-def tokenize_examples(tokenizer: Any, rows: list[dict], seq_len: int) -> list:
-    """Chat rows -> TokenizedExamples (assistant tokens supervised); one longer than seq_len is
-    an error naming the row."""
-    out = []
-    for row in rows:
-        conv = row_to_conversation(row, row["id"])
-        ids, mask = tokenize_conversation(tokenizer, conv, row["id"])
-        out.append(to_training_example(ids, mask, seq_len, truncate=False, where=row["id"]))
-    return out
+# ----------------------------------------------------------------------------- data
 
 
-def batches(examples: list, rows: int, seq_len: int, steps: int, seed: int):
-    """`steps` batches of `rows` packed rows ([rows, seq_len] arrays of the data batch contract).
-
-    Each epoch visits the examples in a fresh permutation (seeded by (seed, epoch)) and packs
-    them first-fit into rows of seq_len tokens (qtarget_jax.data.packing), as `make train`
-    does: each example is its own segment (attention and positions restart), and no padding
-    row is computed. Yields (batch, number of examples in it).
-    """
-    lengths = np.array([len(e) for e in examples])
-    bins: list[list[int]] = []
-    epoch = 0
-    while len(bins) < steps * rows:
-        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-        bins += pack_bins(lengths, order, seq_len)
-        epoch += 1
-    for s in range(steps):
-        chosen = bins[s * rows:(s + 1) * rows]
-        yield build_rows(examples, chosen, seq_len), sum(len(b) for b in chosen)
-
-
-class Trainer:
-    """Runs fine-tuning jobs from fixed initial weights, one compiled step per method."""
-
-    def __init__(self, base: nnx.Module, cfg: ExperimentConfig):
-        self.base, self.cfg = base, cfg
-        self.mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1},
-                                       devices=jax.devices()[:1])
-        self.steps: dict[str, Any] = {}
-
-    def train(self, key: str, target: dict, data, *, seed: int, steps: int, lr: float,
-              teacher: nnx.Module | None) -> tuple[nnx.Module, list[float], int]:
-        """Fine-tunes a copy of the base model; returns (model, per-step losses, examples
-        seen)."""
-        cfg = self.cfg
-        spec = spec_from_dict(target)
-        tx, schedule = make_optimizer(OptimSection(lr=lr, weight_decay=0.0),
-                                      ScheduleSection(warmup_steps=cfg.warmup_steps), steps)
-        built = init_state(self.base, tx, self.mesh, dict(LOGICAL_RULES), seed, teacher=teacher)
-        rep = mesh_lib.replicated(self.mesh)
-        step_key = f"{key}/{steps}/{lr}"
-        if step_key not in self.steps:
-            self.steps[step_key] = jit_train_step(
-                built.shardings, mesh_lib.batch_sharding(self.mesh), rep,
-                # Full-logits loss (train's loss.fused=false): the same math as the fused
-                # default, and at this size on CPU the faster one (docs/performance.md).
-                graphdef=built.graphdef, loss_fn=logits_loss(spec, "token"), tx=tx,
-                schedule=schedule, microbatches=1)
-        step_fn, state, losses, seen = self.steps[step_key], built.state, [], 0
-        for batch, n in batches(data, cfg.batch_size, cfg.seq_len, steps, seed):
-            state, metrics = step_fn(state, mesh_lib.global_batch(batch, self.mesh))
-            losses.append(metrics["loss"])
-            seen += n
-        losses = [float(x) for x in jax.device_get(losses)]
-        if not all(np.isfinite(losses)):
-            raise FloatingPointError(f"{key} seed {seed}: non-finite loss {losses}")
-        return nnx.merge(built.graphdef, state.params, state.rest), losses, seen
+def make_sets(spec: DataSpec) -> dict[str, list[dict]]:
+    """The experiment's rows: `a` (stage 0: arithmetic in a_templates + the second skill),
+    `b` (stage 1: noisy, b_templates; corrupted rows carry `clean`), `teacher` (clean,
+    t_templates), `test` (held-out arithmetic, clean), `skill_test` (held-out second skill)."""
+    sizes = (spec.n_test, spec.n_a, spec.n_b, spec.n_teacher)
+    problems = synthetic.draw_problems(sum(sizes), spec.seed)
+    cut = [sum(sizes[:k]) for k in range(5)]
+    test, a, b, teacher = (problems[cut[k]:cut[k + 1]] for k in range(4))
+    return {
+        "test": synthetic.write_problems(test, "test", spec.seed),
+        "a": (synthetic.write_problems(a, "a", spec.seed, templates=spec.a_templates)
+              + synthetic.largest_rows(spec.n_skill, "skill", spec.seed)),
+        "b": synthetic.write_problems(b, "b", spec.seed, noise=spec.noise,
+                                      templates=spec.b_templates),
+        "teacher": synthetic.write_problems(teacher, "teacher", spec.seed,
+                                            templates=spec.t_templates),
+        "skill_test": synthetic.largest_rows(spec.n_skill_test, "skill_test", spec.seed),
+    }
 
 
-def eval_examples(rows: list[dict]) -> list[EvalExample]:
+def prepare_sets(spec: DataSpec, folder: str) -> dict[str, str]:
+    """Writes the sets as JSONL under `folder` and the training sets as tfds datasets
+    (`regime_<set>`, splits train and test) with the data package's `prepare`; reuses them when
+    present. Returns {name: path}: JSONL files and `tfds_<set>` dataset folders."""
+    from qtarget_jax.data.builder import prepare_dataset
+    sets = make_sets(spec)
+    paths = {name: os.path.join(folder, f"{name}.jsonl") for name in SETS}
+    for name, rows in sets.items():
+        if not os.path.isfile(paths[name]):
+            synthetic.write_jsonl(rows, paths[name])
+    for name in ("a", "b", "teacher"):
+        if not sets[name]:      # no stage-0 set when base is null
+            continue
+        tfds_dir = os.path.join(folder, "tfds")
+        version = os.path.join(tfds_dir, "jsonl_sft", f"regime_{name}", "1.0.0")
+        if not os.path.isdir(version):
+            version, _ = prepare_dataset({"train": [paths[name]], "test": [paths["test"]]},
+                                         tfds_dir, f"regime_{name}")
+        paths[f"tfds_{name}"] = version
+    return paths
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_examples(rows: list[dict]):
+    from qtarget_jax.problems import EvalExample
     return [EvalExample(r["id"], r["messages"][:-1], r["messages"][-1]["content"],
                         str(r["answer"])) for r in rows]
 
 
-def run_eval(model, tokenizer, examples, cfg: ExperimentConfig, seed: int, path: str) -> dict:
-    return evaluate_model(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.eval_batch, num_samples=cfg.samples,
-                          temperature=cfg.temperature, seed=seed, loss_seq_len=cfg.eval_seq_len,
-                          out_path=path)
+def memorisation_pairs(rows: list[dict]) -> list[tuple]:
+    """(id, prompt messages, shown response, clean response) of the corrupted rows."""
+    return [(r["id"], r["messages"][:-1], r["messages"][-1]["content"], r["clean"])
+            for r in rows if r.get("noise")]
 
 
-def get_teacher(trainer: Trainer, tokenizer, clean, cfg: ExperimentConfig, log) -> nnx.Module:
-    """The clean-data teacher from `teacher_dir`, fine-tuning and saving it on first use."""
-    from qtarget_jax.models.export import export_hf
-    from qtarget_jax.models.loading import load_hf
-
-    marker = os.path.join(cfg.teacher_dir, "config.json")
-    if os.path.isfile(marker):
-        log({"event": "teacher_loaded", "dir": cfg.teacher_dir})
-        # The student's layer layout: the step merges teacher params with its graphdef.
-        return load_hf(cfg.teacher_dir, param_dtype="float32", scan_layers=cfg.scan_layers)[0]
-    t0 = time.perf_counter()
-    teacher, losses, seen = trainer.train("teacher", {"preset": "sft"}, clean, seed=0,
-                                          steps=cfg.teacher_steps, lr=cfg.teacher_lr,
-                                          teacher=None)
-    export_hf(teacher, teacher.cfg, cfg.teacher_dir, tokenizer=tokenizer)
-    log({"event": "teacher_trained", "dir": cfg.teacher_dir, "examples_seen": seen,
-         "first_loss": losses[0],
-         "last_loss": losses[-1], "seconds": round(time.perf_counter() - t0, 1)})
-    return teacher
+# ----------------------------------------------------------------------------- runs
 
 
-def finished_runs(runs_path: str, cfg: ExperimentConfig) -> dict[tuple[str, int], dict]:
-    """(method, seed) -> eval record of runs already in `runs_path` under this same config, so
-    re-running the command resumes an interrupted experiment instead of repeating it."""
+def steps_per_epoch(n_rows: int, batch_size: int, where: str) -> int:
+    """Optimizer steps of one epoch; rows must fill whole batches so epochs stay aligned
+    (data.pack=false: one example per row)."""
+    if n_rows % batch_size:
+        raise ValueError(f"{where}: {n_rows} rows do not fill batches of {batch_size}: "
+                         "choose sizes so every epoch ends on a step")
+    return n_rows // batch_size
+
+
+def train_run(exp: Experiment, overrides: list[str], probes=None) -> dict:
+    """One `qtarget_jax.train` run: load_config(train_job, overrides) then loop.run."""
+    from qtarget_jax.config import load_config
+    from qtarget_jax.train.loop import run
+    return run(load_config(exp.train_job, tuple(overrides)), probes=probes)
+
+
+def batch_size_of(exp: Experiment, overrides: tuple[str, ...]) -> int:
+    from qtarget_jax.config import load_config
+    cfg = load_config(exp.train_job, tuple(overrides)).config
+    if cfg.data.pack:
+        raise ValueError(f"{exp.train_job}: data.pack must be false (epochs are counted in "
+                         "examples)")
+    return cfg.data.batch_size
+
+
+def finetune(exp: Experiment, stage: Stage, source: str, data: str, n_rows: int, run_dir: str,
+             extra: list[str], probes=None) -> tuple[dict, int, int]:
+    """Fine-tunes `source` on the tfds folder `data` for `stage.epochs` epochs; returns (loop
+    summary, steps, steps per epoch)."""
+    spe = steps_per_epoch(n_rows, batch_size_of(exp, stage.overrides), run_dir)
+    steps = stage.epochs * spe
+    summary = train_run(exp, [*stage.overrides, f"model.source={source}", f"data.path={data}",
+                              f"run.dir={run_dir}", f"run.steps={steps}",
+                              f"eval.every_steps={spe}", *extra], probes)
+    if summary["final_step"] != steps:
+        raise RuntimeError(f"{run_dir}: stopped at step {summary['final_step']} of {steps}")
+    return summary, steps, spe
+
+
+class Evaluator:
+    """The experiment's metrics of one model, all through the library:
+    per epoch (cheap, teacher-forced, `problems.probes`): answer-token accuracy on held-out
+    references, memorisation share at the corrupted positions of set B, KL(B0 || model) on
+    B0's answers to off-task prompts; at the end (generation, `problems.solve`): held-out
+    greedy accuracy and Average@k at the experiment's temperature, second-skill accuracy."""
+
+    def __init__(self, exp: Experiment, paths: dict[str, str], tokenizer, b0_model):
+        from qtarget_jax.generate import SamplingConfig, generate
+        from qtarget_jax.problems import probes
+        self.exp, self.tokenizer = exp, tokenizer
+        self.test = eval_examples(read_jsonl(paths["test"]))
+        self.skill = eval_examples(read_jsonl(paths["skill_test"]))
+        self.pairs = memorisation_pairs(read_jsonl(paths["b"]))
+        offtask = read_jsonl(exp.offtask_prompts)
+        prompts = [r["messages"] for r in offtask]
+        answers = generate(b0_model, tokenizer, prompts,
+                           SamplingConfig(max_new_tokens=exp.eval.offtask_max_new_tokens),
+                           names=[r["id"] for r in offtask])
+        self.offtask = [{"id": r["id"], "prompt": p, "b0_answer": g.text}
+                        for r, p, g in zip(offtask, prompts, answers)]
+        self.reference = probes.reference_logprobs(b0_model, tokenizer, prompts,
+                                                   [g.text for g in answers],
+                                                   batch_size=exp.eval.batch_size)
+
+    def per_epoch(self, model) -> dict[str, float]:
+        from qtarget_jax.problems import probes
+        out = {}
+        bs = self.exp.eval.batch_size
+        out.update(probes.answer_token_accuracy(model, self.tokenizer, self.test, batch_size=bs))
+        if self.pairs:
+            out.update(probes.memorisation(model, self.tokenizer, self.pairs, batch_size=bs))
+        out.update(probes.kl_from_reference(model, self.reference))
+        return out
+
+    def final(self, model, seed: int, out_prefix: str | None) -> dict[str, float]:
+        from qtarget_jax.problems import solve
+        e = self.exp.eval
+        out = solve(model, self.tokenizer, self.test, max_new_tokens=e.max_new_tokens,
+                    batch_size=e.batch_size, num_samples=e.samples, temperature=e.temperature,
+                    seed=seed, out_path=out_prefix and f"{out_prefix}.jsonl", prefix="")
+        skill = solve(model, self.tokenizer, self.skill, max_new_tokens=e.skill_max_new_tokens,
+                      batch_size=e.batch_size, seed=seed,
+                      out_path=out_prefix and f"{out_prefix}_skill.jsonl", prefix="")
+        out["skill_accuracy"] = skill["accuracy"]
+        return out
+
+
+def epoch_probes(evaluator: Evaluator, spe: int, steps: int, seed: int, out_prefix: str,
+                 record: list, at_zero: dict | None):
+    """The `probes` callback of a stage-1 run: per-epoch metrics at every evaluation (step 0:
+    `at_zero`, B0's, when given, as every run starts from B0), generation metrics at the end;
+    each result also appended to `record` as {"epoch", "step", ...}."""
+    def probes(model, step: int) -> dict[str, float]:
+        if step == 0 and at_zero is not None:
+            out = dict(at_zero)
+        else:
+            out = evaluator.per_epoch(model)
+            if step == steps:
+                t0 = time.perf_counter()
+                out.update(evaluator.final(model, seed, out_prefix))
+                out["final_eval_s"] = time.perf_counter() - t0
+        record.append({"epoch": step / spe, "step": step, **out})
+        return out
+    return probes
+
+
+def finished(runs_path: str, exp: Experiment) -> dict[tuple[str, int], dict]:
+    """(name, seed) -> record of the runs already in `runs_path` under this same config."""
     if not os.path.isfile(runs_path):
         return {}
-    same, done = False, {}
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    with open(runs_path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec["event"] == "start":
-                same = rec["config"] == want
-            elif rec["event"] == "eval" and same:
-                done[(rec["method"], rec["seed"])] = rec
+    want, same, done = json.loads(json.dumps(dataclasses.asdict(exp))), False, {}
+    for rec in read_jsonl(runs_path):
+        if rec["event"] == "start":
+            same = rec["config"] == want
+        elif rec["event"] in ("model", "run") and same:
+            done[(rec["name"], rec["seed"])] = rec
     return done
 
 
@@ -227,13 +331,13 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--only", default=None, help="comma-separated method names to run")
-    p.add_argument("overrides", nargs="*", help="key=value (YAML values)")
+    p.add_argument("overrides", nargs="*", help="top-level key=value (YAML values)")
     args = p.parse_args(argv)
-    cfg = load_experiment(args.config, args.overrides)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    runs_path = os.path.join(cfg.out_dir, "runs.jsonl")
+    exp = load_experiment(args.config, args.overrides)
+    os.makedirs(exp.out_dir, exist_ok=True)
+    runs_path = os.path.join(exp.out_dir, "runs.jsonl")
     start = time.perf_counter()
-    done = finished_runs(runs_path, cfg)
+    done = finished(runs_path, exp)
 
     def log(rec: dict) -> None:
         rec = {**rec, "elapsed_s": round(time.perf_counter() - start, 1)}
@@ -241,61 +345,89 @@ def main(argv: list[str]) -> None:
         with open(runs_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
-    from qtarget_jax.models.loading import load_model
-    base, _, tokenizer = load_model(cfg.model, param_dtype="float32", scan_layers=cfg.scan_layers)
-    noisy = synth_generate(cfg.n_train, cfg.n_test, seed=cfg.data_seed, noise=cfg.noise,
-                           phrasings=cfg.phrasings)
-    clean = synth_generate(cfg.n_train, cfg.n_test, seed=cfg.data_seed, noise=0.0,
-                           phrasings=cfg.phrasings)
-    assert clean["test"] == noisy["test"]
-    noise_frac = float(np.mean([r["noise"] is not None for r in noisy["train"]]))
-    log({"event": "start", "config": dataclasses.asdict(cfg), "noisy_fraction": noise_frac,
-         "devices": str(jax.devices()[0]), "resumed_runs": len(done)})
-    train_noisy = tokenize_examples(tokenizer, noisy["train"], cfg.seq_len)
-    train_clean = tokenize_examples(tokenizer, clean["train"], cfg.seq_len)
-    examples = eval_examples(noisy["test"][:cfg.eval_problems])
-    trainer = Trainer(base, cfg)
+    import jax
+    # Every run compiles the same step shapes: keep compiled programs across runs.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(exp.cache_dir, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    log({"event": "start", "config": dataclasses.asdict(exp), "devices": str(jax.devices()),
+         "resumed": len(done)})
 
-    if ("before fine-tuning", 0) in done:
-        log(done[("before fine-tuning", 0)])
-    else:
-        t0 = time.perf_counter()
-        before = run_eval(base, tokenizer, examples, cfg, 0, os.path.join(cfg.out_dir,
-                                                                          "eval_before.jsonl"))
-        log({"event": "eval", "method": "before fine-tuning", "seed": 0, **before,
-             "seconds": round(time.perf_counter() - t0, 1)})
-    methods = [m for m in cfg.methods
-               if args.only is None or m.name in args.only.split(",")]
-    teacher = None
-    if any(m.teacher == "trained" for m in methods):
-        teacher = get_teacher(trainer, tokenizer, train_clean, cfg, log)
-        if ("teacher (clean SFT)", 0) in done:
-            log(done[("teacher (clean SFT)", 0)])
-        else:
+    # Stage 0: data, B0, T, B0's off-task answers (all cached under cache_dir).
+    paths = prepare_sets(exp.data, os.path.join(exp.cache_dir, "data"))
+    n = {k: len(read_jsonl(paths[k])) for k in ("a", "b", "teacher")}
+    b0_dir = exp.base_source
+    if exp.base is not None:
+        b0_dir = os.path.join(exp.cache_dir, "b0")
+        if not os.path.isfile(os.path.join(b0_dir, "hf", "config.json")):
             t0 = time.perf_counter()
-            ev = run_eval(teacher, tokenizer, examples, cfg, 0,
-                          os.path.join(cfg.out_dir, "eval_teacher.jsonl"))
-            log({"event": "eval", "method": "teacher (clean SFT)", "seed": 0, **ev,
+            summary, steps, _ = finetune(exp, exp.base, exp.base_source, paths["tfds_a"],
+                                         n["a"], b0_dir, ["checkpoint.export_hf=true"])
+            log({"event": "stage0", "name": "B0", "steps": steps, "last": summary["last"],
                  "seconds": round(time.perf_counter() - t0, 1)})
-    # Seeds outside, methods inside: a run stopped early still has every method at the first
-    # seeds. Each method's step is compiled at its first seed and reused afterwards.
-    for seed in cfg.seeds:
+    uses_t = any(m.teacher == "T" for m in exp.methods)
+    t_dir = os.path.join(exp.cache_dir, "teacher")
+    if uses_t and not os.path.isfile(os.path.join(t_dir, "hf", "config.json")):
+        t0 = time.perf_counter()
+        summary, steps, _ = finetune(exp, exp.teacher, b0_dir, paths["tfds_teacher"],
+                                     n["teacher"], t_dir, ["checkpoint.export_hf=true"])
+        log({"event": "stage0", "name": "T", "steps": steps, "last": summary["last"],
+             "seconds": round(time.perf_counter() - t0, 1)})
+
+    from qtarget_jax.evaluate import load_source
+    from qtarget_jax.train.build import resolve_source
+    b0, tokenizer = load_source(resolve_source(b0_dir))
+    evaluator = Evaluator(exp, paths, tokenizer, b0)
+    with open(os.path.join(exp.out_dir, "offtask_b0.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in evaluator.offtask)
+    models = {}
+    for name, source in (("B0", None), ("T", t_dir if uses_t else None)):
+        if name == "T" and source is None:
+            continue
+        if (name, 0) in done:
+            rec = done[(name, 0)]
+        else:
+            model = b0 if source is None else load_source(resolve_source(source))[0]
+            t1 = time.perf_counter()
+            rec = {"event": "model", "name": name, "seed": 0,
+                   "per_epoch": evaluator.per_epoch(model),
+                   **evaluator.final(model, 0, os.path.join(exp.out_dir, f"eval_{name}")),
+                   "seconds": round(time.perf_counter() - t1, 1)}
+        log(rec)
+        models[name] = rec
+    del b0
+    key = f"avg@{exp.eval.samples}" if exp.eval.samples else "accuracy"
+    if uses_t:  # a teacher weaker than the base tests nothing: say so before stage 1
+        log({"event": "teacher_check", "metric": key, "B0": models["B0"][key],
+             "T": models["T"][key], "teacher_beats_b0": models["T"][key] > models["B0"][key]})
+
+    # Stage 1: seeds outer, methods inner (a run cut short has every method at early seeds).
+    methods = [m for m in exp.methods if args.only is None or m.name in args.only.split(",")]
+    for seed in exp.seeds:
         for m in methods:
             if (m.name, seed) in done:
                 log({**done[(m.name, seed)], "resumed": True})
                 continue
+            run_dir = os.path.join(exp.out_dir, "runs", f"{m.name}_{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)   # a cut run starts over
+            spe = steps_per_epoch(n["b"], batch_size_of(exp, exp.stage1.overrides), run_dir)
+            record: list[dict] = []
+            probes = epoch_probes(evaluator, spe, exp.stage1.epochs * spe, seed,
+                                  os.path.join(exp.out_dir, f"eval_{m.name}_{seed}"), record,
+                                  models["B0"]["per_epoch"])
+            teacher = {"none": "null", "B0": "null", "T": t_dir}[m.teacher]
             t0 = time.perf_counter()
-            teach = {"none": None, "trained": teacher, "initial": base}[m.teacher]
-            model, losses, seen = trainer.train(m.name, m.target, train_noisy, seed=seed,
-                                                steps=cfg.steps, lr=cfg.lr, teacher=teach)
-            t_train = time.perf_counter() - t0
-            ev = run_eval(model, tokenizer, examples, cfg, seed,
-                          os.path.join(cfg.out_dir, f"eval_{m.name}_{seed}.jsonl"))
-            log({"event": "eval", "method": m.name, "seed": seed, "target": m.target,
-                 "teacher": m.teacher, **ev, "examples_seen": seen,
-                 "train_loss_first": losses[0],
-                 "train_loss_last": losses[-1], "train_s": round(t_train, 1),
-                 "seconds": round(time.perf_counter() - t0, 1)})
+            summary, steps, _ = finetune(
+                exp, exp.stage1, b0_dir, paths["tfds_b"], n["b"], run_dir,
+                [f"loss.target={json.dumps(m.target)}", f"model.teacher={teacher}",
+                 f"data.seed={seed}", f"run.seed={seed}", "checkpoint.every_steps=0"], probes)
+            seconds = time.perf_counter() - t0
+            final = record[-1]
+            log({"event": "run", "name": m.name, "seed": seed, "target": m.target,
+                 "teacher": m.teacher, "steps": steps, "epochs": record,
+                 **{k: v for k, v in final.items() if k not in ("epoch", "step")},
+                 "train_loss_last": summary["last"].get("loss"),
+                 "compiles": summary["compiles"], "seconds": round(seconds, 1),
+                 "eval_s": round(final.get("final_eval_s", 0.0), 1)})
     log({"event": "done", "wall_s": round(time.perf_counter() - start, 1)})
 
 

@@ -1,9 +1,10 @@
-"""experiments/run.py and report.py: config errors, packed batches, and the whole experiment
-(teacher, methods x seeds, resume, report) end to end on a tiny random model."""
+"""experiments/run.py and report.py: configs, the experiment's sets, and the whole pipeline
+(stage 0 cached, methods x seeds through qtarget_jax.train, per-epoch probes, resume, report)
+on a tiny random model."""
 import importlib.util
 import json
-import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -16,7 +17,6 @@ sys.path.insert(0, str(ROOT / "tests" / "models"))
 
 from io_helpers import make_tokenizer  # noqa: E402
 
-from qtarget_jax.data.synthetic import generate as synth_generate  # noqa: E402
 from qtarget_jax.models import Decoder, ModelConfig  # noqa: E402
 from qtarget_jax.models.export import export_hf  # noqa: E402
 
@@ -38,53 +38,83 @@ TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_siz
             max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def test_quick_and_full_configs_load():
-    for name in ("quick", "full"):
-        cfg = run.load_experiment(str(ROOT / "experiments" / f"{name}.yaml"), [])
-        assert len(cfg.seeds) >= 3
-        names = {m.name for m in cfg.methods}
-        assert {"sft", "label_smoothing", "dft", "distill", "kl_anchor", "target_sft_eta0.25",
-                "target_sft_eta0.5", "target_sft_eta1", "target_sft_eta0.5_init"} <= names
+@pytest.mark.parametrize("name", ["regime", "regime_full", "quick"])
+def test_shipped_configs_load_and_their_sets_fill_whole_batches(name):
+    exp = run.load_experiment(str(ROOT / "experiments" / f"{name}.yaml"), [])
+    assert len(exp.seeds) >= 3 and exp.stage1.epochs >= 1
+    from qtarget_jax.config import load_config
+    for stage in (exp.stage1, exp.teacher) + ((exp.base,) if exp.base else ()):
+        cfg = load_config(exp.train_job, stage.overrides).config
+        assert not cfg.data.pack
+    sets = run.make_sets(exp.data)
+    batch = run.batch_size_of(exp, exp.stage1.overrides)
+    assert run.steps_per_epoch(len(sets["b"]), batch, "b") >= 1
+
+
+def test_regime_config_is_the_papers_regime():
+    exp = run.load_experiment(str(ROOT / "experiments" / "regime.yaml"), [])
+    names = {m.name: m for m in exp.methods}
+    assert {"sft", "dft", "distill", "target_sft_eta0.5", "target_sft_eta1",
+            "target_sft_eta0.5_b0"} <= set(names)
+    assert names["target_sft_eta0.5_b0"].teacher == "B0" and names["distill"].teacher == "T"
+    assert exp.stage1.epochs >= 3 and exp.eval.samples >= 4 and exp.eval.temperature == 1.0
+    assert 100 / exp.data.n_test <= 2.5
+    assert set(exp.data.a_templates).isdisjoint(exp.data.b_templates)
 
 
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("steps: 2\nmethods:\n  - {name: d, target: {preset: distill}}\n")
+    path.write_text("out_dir: o\ncache_dir: c\ntrain_job: j\n"
+                    "methods:\n  - {name: d, target: {preset: distill}}\n")
     with pytest.raises(ValueError, match="method d: target .* and teacher='none' disagree"):
         run.load_experiment(str(path), [])
     with pytest.raises(ValueError, match=r"unknown keys \['stepz'\]"):
         run.load_experiment(str(path), ["stepz=3"])
-    with pytest.raises(ValueError, match="'steps' is not key=value"):
-        run.load_experiment(str(path), ["steps"])
-    path.write_text("methods:\n  - {name: s, target: {preset: sft}}\n")
-    cfg = run.load_experiment(str(path), ["steps=7", "seeds=[4, 5]"])
-    assert (cfg.steps, cfg.seeds) == (7, (4, 5))
+    with pytest.raises(ValueError, match=r"data: unknown keys \['n_trian'\]"):
+        run.load_experiment(str(path), ["data={n_trian: 3}"])
+    with pytest.raises(ValueError, match="'seeds' is not key=value"):
+        run.load_experiment(str(path), ["seeds"])
+    with pytest.raises(ValueError, match="teacher='X', expected none, T or B0"):
+        run.load_experiment(str(path), ["methods=[{name: s, target: {preset: sft}, "
+                                        "teacher: X}]"])
+    with pytest.raises(ValueError, match="do not fill batches of 4"):
+        run.steps_per_epoch(10, 4, "runs/x")
 
 
-def test_batches_pack_each_example_once_per_epoch():
-    tok = make_tokenizer()
-    rows = synth_generate(9, 0, seed=0, phrasings=1)["train"]
-    examples = run.tokenize_examples(tok, rows, 480)
-    lengths = np.array([len(e) for e in examples])
-    order = np.random.default_rng([3, 0]).permutation(len(examples))
-    epoch = len(run.pack_bins(lengths, order, 480))
-    assert epoch < len(examples)                   # several examples share a row
-    seen, total = [], 0
-    for batch, n in run.batches(examples, 1, 480, epoch, seed=3):
-        total += n
-        seg, pos = batch["segment_ids"][0], batch["positions"][0]
-        for s in range(1, seg.max() + 1):
-            where = np.flatnonzero(seg == s)
-            np.testing.assert_array_equal(pos[where], np.arange(len(where)))
-            seen.append(tuple(batch["tokens"][0, where]))
-        np.testing.assert_array_equal(batch["loss_mask"], batch["labels"] != -100)
-    assert total == len(examples)
-    assert sorted(seen) == sorted(tuple(e.tokens) for e in examples)
-    a = [b for b, _ in run.batches(examples, 2, 480, 3, seed=1)]
-    b = [b for b, _ in run.batches(examples, 2, 480, 3, seed=1)]
-    c = [b for b, _ in run.batches(examples, 2, 480, 3, seed=2)]
-    assert all((x["tokens"] == y["tokens"]).all() for x, y in zip(a, b))
-    assert any((x["tokens"] != y["tokens"]).any() for x, y in zip(a, c))
+def test_sets_are_disjoint_off_policy_and_corruptions_are_paired():
+    spec = run.DataSpec(n_test=10, n_a=12, n_skill=4, n_skill_test=5, n_b=20, n_teacher=6,
+                        noise=0.5)
+    sets = run.make_sets(spec)
+    assert [len(sets[k]) for k in ("test", "a", "b", "teacher", "skill_test")] == \
+        [10, 16, 20, 6, 5]
+
+    def question(r):
+        return r["messages"][0]["content"]
+    arith = {k: {question(r) for r in sets[k] if not r["id"].startswith("skill")}
+             for k in ("test", "a", "b", "teacher")}
+    keys = list(arith)
+    for i, k in enumerate(keys):          # different problems, so different questions
+        for other in keys[i + 1:]:
+            assert arith[k].isdisjoint(arith[other]), (k, other)
+    # Set A uses solution template 0 only (bare "N + b = M" lines); set B never does.
+    bare = re.compile(r"^\d+ [-+*] \d+ = \d+$")
+    a_lines = [r["messages"][1]["content"].splitlines()[1] for r in sets["a"]
+               if r["id"].startswith("a-")]
+    assert all(bare.match(line) for line in a_lines)
+    b_lines = [r["messages"][1]["content"].splitlines()[1] for r in sets["b"]]
+    assert not any(bare.match(line) for line in b_lines)
+    noisy = [r for r in sets["b"] if r["noise"]]
+    assert 5 <= len(noisy) <= 15 and all(r["clean"] != r["messages"][1]["content"]
+                                         for r in noisy)
+    for r in noisy:                       # same lines, only numbers differ
+        shown, clean = r["messages"][1]["content"], r["clean"]
+        strip = "".join(c for c in shown if not c.isdigit())
+        assert strip == "".join(c for c in clean if not c.isdigit())
+        assert clean.endswith(f"#### {r['answer']}")
+    assert all(r["messages"][1]["content"].endswith(f"#### {r['answer']}")
+               for r in sets["skill_test"])
+    pairs = run.memorisation_pairs(sets["b"])
+    assert [p[0] for p in pairs] == [r["id"] for r in noisy]
 
 
 @pytest.fixture(scope="module")
@@ -97,54 +127,86 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_experiment_end_to_end_resumes_and_reports(tmp_path, tiny_folder):
-    out, teacher = tmp_path / "out", tmp_path / "teacher"
-    config = dict(model=tiny_folder, n_train=6, n_test=3, phrasings=1, noise=0.5, seq_len=480,
-                  batch_size=1, steps=3, lr=1e-2, warmup_steps=1, seeds=[0, 1],
-                  teacher_steps=2, teacher_lr=1e-2, teacher_dir=str(teacher), eval_problems=2,
-                  eval_seq_len=320, max_new_tokens=3, eval_batch=2, samples=2,
-                  out_dir=str(out),
+    job = tmp_path / "train.yaml"
+    job.write_text(yaml.safe_dump({
+        "model": {"name": "smollm2"},
+        "data": {"seq_len": 448, "pack": False, "batch_size": 8},   # 8 test devices
+        "optim": {"lr": 1e-2}, "schedule": {"kind": "constant"},
+        "checkpoint": {"every_steps": 0}, "eval": {"batches": 0},
+        "logging": {"progress": False, "tensorboard": False, "plot": False}}))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    config = dict(out_dir=str(out), cache_dir=str(cache), train_job=str(job),
+                  base_source=tiny_folder,
+                  data=dict(n_test=3, n_a=6, n_skill=2, n_skill_test=2, n_b=8, n_teacher=8,
+                            noise=0.5, seed=1),
+                  base={"epochs": 1}, teacher={"epochs": 1}, stage1={"epochs": 2},
+                  seeds=[0, 1],
+                  eval=dict(samples=2, max_new_tokens=3, batch_size=3, skill_max_new_tokens=2,
+                            offtask_max_new_tokens=3),
                   methods=[{"name": "sft", "target": {"preset": "sft"}},
                            {"name": "tsft", "target": {"preset": "target_sft", "eta": 0.5},
-                            "teacher": "trained"},
-                           {"name": "kl", "target": {"preset": "kl_anchor", "kl_weight": 0.1},
-                            "teacher": "initial"}])
+                            "teacher": "T"},
+                           {"name": "tsft_b0", "target": {"preset": "target_sft", "eta": 1.0},
+                            "teacher": "B0"}])
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config))
     run.main(["--config", str(path)])
 
     events = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds == ["start", "eval", "teacher_trained", "eval"] + ["eval"] * 6 + ["done"]
-    assert (teacher / "config.json").is_file()
-    evals = [e for e in events if e["event"] == "eval"]
-    assert [(e["method"], e["seed"]) for e in evals] == [
-        ("before fine-tuning", 0), ("teacher (clean SFT)", 0), ("sft", 0), ("tsft", 0),
-        ("kl", 0), ("sft", 1), ("tsft", 1), ("kl", 1)]
-    for e in evals[2:]:
-        assert e["examples_seen"] >= 3 and np.isfinite(e["eval/loss"])
-        assert e["train_loss_last"] != e["train_loss_first"]
-        recs = [json.loads(x) for x in
-                (out / f"eval_{e['method']}_{e['seed']}.jsonl").read_text().splitlines()]
-        assert len(recs) == 2 and all(len(r["samples"]) == 2 for r in recs)
-        assert e["eval/avg@2"] == pytest.approx(np.mean([np.mean(r["samples_correct"])
-                                                         for r in recs]))
-    # The same method trains the same way whatever ran before it: seeds differ, runs repeat.
-    assert evals[2]["train_loss_first"] != evals[5]["train_loss_first"]
+    assert kinds == ["start", "stage0", "stage0", "model", "model", "teacher_check"] + \
+        ["run"] * 6 + ["done"]
+    for name in ("b0", "teacher"):      # stage 0 exported through the training loop
+        assert (cache / name / "hf" / "config.json").is_file()
+        assert (cache / name / "metrics.jsonl").is_file()
+    assert (cache / "data" / "tfds" / "jsonl_sft" / "regime_b" / "1.0.0").is_dir()
+    b0 = next(e for e in events if e["event"] == "model" and e["name"] == "B0")
+    # B0 against itself: no divergence.
+    assert b0["per_epoch"]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    runs = [e for e in events if e["event"] == "run"]
+    assert [(e["name"], e["seed"]) for e in runs] == [
+        ("sft", 0), ("tsft", 0), ("tsft_b0", 0), ("sft", 1), ("tsft", 1), ("tsft_b0", 1)]
+    n_noisy = sum(1 for r in run.read_jsonl(str(cache / "data" / "b.jsonl")) if r["noise"])
+    for e in runs:
+        assert [x["epoch"] for x in e["epochs"]] == [0.0, 1.0, 2.0] and e["steps"] == 2
+        assert e["epochs"][0]["kl_ref"] == b0["per_epoch"]["kl_ref"]   # every run starts at B0
+        assert e["epochs"][-1]["kl_ref"] > 1e-4                          # and moves away
+        assert e["memorisation_n"] == n_noisy
+        recs = run.read_jsonl(str(out / f"eval_{e['name']}_{e['seed']}.jsonl"))
+        assert len(recs) == 3 and all(len(r["samples"]) == 2 for r in recs)
+        assert e["avg@2"] == pytest.approx(np.mean([np.mean(r["samples_correct"])
+                                                    for r in recs]))
+        assert len(run.read_jsonl(str(out / f"eval_{e['name']}_{e['seed']}_skill.jsonl"))) == 2
+        metrics = run.read_jsonl(str(out / "runs" / f"{e['name']}_{e['seed']}" /
+                                     "metrics.jsonl"))
+        logged = [m for m in metrics if "memorisation" in m]
+        assert [m["step"] for m in logged] == [1, 2]        # the loop logged the probes
+        # checkpoint.every_steps=0: the loop saved nothing.
+        assert not (out / "runs" / f"{e['name']}_{e['seed']}" / "checkpoints").exists()
+        resolved = yaml.safe_load((out / "runs" / f"{e['name']}_{e['seed']}" /
+                                   "config.yaml").read_text())
+        assert resolved["data"]["seed"] == resolved["run"]["seed"] == e["seed"]
+        assert resolved["model"]["teacher"] == {"T": str(cache / "teacher"), "B0": None,
+                                                "none": None}[e["teacher"]]
+        assert resolved["loss"]["target"] == e["target"]
 
-    # Re-running the same command resumes: nothing is trained again, the teacher is loaded.
+    # Re-running the same command resumes: nothing is trained again.
     run.main(["--config", str(path)])
     events = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     second = events[len(kinds):]
-    assert [e["event"] for e in second] == ["start", "eval", "teacher_loaded", "eval"] + \
-        ["eval"] * 6 + ["done"]
-    assert second[0]["resumed_runs"] == 8
-    assert all(e.get("resumed") for e in second[4:10])
+    assert [e["event"] for e in second] == ["start", "model", "model", "teacher_check"] + \
+        ["run"] * 6 + ["done"]
+    assert second[0]["resumed"] == 8 and all(e.get("resumed") for e in second[4:10])
 
     table = report.main(str(out))
     lines = table.splitlines()
-    assert lines[0].startswith("| method | teacher | seeds | greedy acc %")
-    assert any(line.startswith("| tsft | trained | 2 |") for line in lines)
+    assert lines[0].startswith("| method | teacher | seeds | greedy acc % | Average@2 %")
+    assert any(line.startswith("| tsft | T | 2 |") for line in lines)
+    assert any(line.startswith("| B0 | - | 1 |") for line in lines)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["finished"] and [m["method"] for m in summary["methods"]] == [
-        "before fine-tuning", "teacher (clean SFT)", "sft", "tsft", "kl"]
-    assert (out / "accuracy.png").stat().st_size > 1000
+    assert summary["finished"] and [r["name"] for r in summary["rows"]] == [
+        "B0", "T", "sft", "tsft", "tsft_b0"]
+    sft = summary["rows"][2]
+    assert sft["curves"]["kl_ref"]["mean"][1] == pytest.approx(
+        np.mean([e["epochs"][1]["kl_ref"] for e in runs if e["name"] == "sft"]))
+    assert (out / "curves.png").stat().st_size > 1000
