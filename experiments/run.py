@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -402,6 +401,7 @@ def main(argv: list[str]) -> None:
 
     # Stage 1: seeds outer, methods inner (a run cut short has every method at early seeds).
     methods = [m for m in exp.methods if args.only is None or m.name in args.only.split(",")]
+    spe = steps_per_epoch(n["b"], batch_size_of(exp, exp.stage1.overrides), "stage1")
     for seed in exp.seeds:
         for m in methods:
             if (m.name, seed) in done:
@@ -409,7 +409,6 @@ def main(argv: list[str]) -> None:
                 continue
             run_dir = os.path.join(exp.out_dir, "runs", f"{m.name}_{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)   # a cut run starts over
-            spe = steps_per_epoch(n["b"], batch_size_of(exp, exp.stage1.overrides), run_dir)
             record: list[dict] = []
             probes = epoch_probes(evaluator, spe, exp.stage1.epochs * spe, seed,
                                   os.path.join(exp.out_dir, f"eval_{m.name}_{seed}"), record,

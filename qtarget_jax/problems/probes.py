@@ -10,7 +10,8 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
 (segment id 0 in pad slots) and runs one jitted forward per batch, the same jitted function
-for every probe (one compile per batch shape); a small jitted reduction turns the logits into the
+for every probe (one compile per batch shape), which applies the LM head only at the positions
+the probe reads (never [B, T, V] logits); a small jitted reduction turns those logits into the
 metric on the device, so only small arrays come back to the host (the [N, V] reference
 log-probabilities of `reference_logprobs` excepted). Repeated calls with the same shapes do not
 retrace.
