@@ -17,13 +17,20 @@ Protocol:
   * timed steps are interleaved: round r runs one step of each implementation in turn while the
     others wait idle, so a change of machine load hits all of them alike; median of --steps;
   * peak memory is each subprocess's own peak RSS: over its whole life (loading, compiling and
-    steps: the headline) and over the timed steps only (VmHWM reset after the first step).
+    steps: the headline) and over the timed steps only (VmHWM reset after the first step);
+  * faults/step: minor page faults per timed step (memory the allocator took fresh from the
+    kernel, which zeroes it: the allocator's cost, see docs/performance.md);
+  * --roofline: after the steps, each library times the step's large matmuls alone, one child
+    at a time, and the step time the best rate allows for the step's FLOPs is printed.
 Not a test: numbers depend on the machine and its load (the load average is printed).
 
 Example usage:
   python benchmarks/train_step.py                      # jax vs torch eager, 5 timed steps
   python benchmarks/train_step.py --torch-compile      # adds a torch.compile row
   python benchmarks/train_step.py --steps 7 --cpus 0,1 --loss logits
+  python benchmarks/train_step.py --roofline           # + matmul rates and the step's floor
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+      python benchmarks/train_step.py                  # both sides on tcmalloc (no page faults)
 """
 import argparse
 import json
@@ -102,6 +109,7 @@ def setup_jax(loss: str, remat: str = "none", scan_layers: bool = False):
     n_params = sum(x.size for x in jax.tree.leaves(built.state.params))
     run.flops_per_token = flops_per_token(n_params, cfg.num_layers, T, cfg.hidden_size)
     run.devices = jax.device_count()
+    run.dims = {"hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size}
     return run, compile_s
 
 
@@ -145,6 +153,8 @@ def setup_torch(compile_model: bool):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
+    c = model.config
+    run.dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "vocab": c.vocab_size}
     return run, 0.0
 
 
@@ -179,9 +189,64 @@ def child(impl: str, loss: str, remat: str = "none", scan_layers: bool = False) 
         value = run()
         r1, c1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         emit({"wall_s": r1 - r0, "cpu_s": (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime),
-              "loss": value})
+              "faults": c1.ru_minflt - c0.ru_minflt, "loss": value})
     emit({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "steps_peak_rss_mb": _status_mb("VmHWM")})
+    if line.strip() == "matmul":          # after the peaks, so they stay the step's own
+        emit({"matmul_gflops": matmul_rates(impl, run.dims)})
+
+
+def matmul_shapes(dims: dict) -> list[tuple[int, int, int]]:
+    """The step's large float32 matmuls as (m, k, n), N = B * T tokens: the projections' forward
+    [N, D] x [D, F] and [N, F] x [F, D], the weight gradients [D, N] x [N, F], and the tied head's
+    [N, D] x [D, V], [N, V] x [V, D] and [D, N] x [N, V]."""
+    n, d, f, v = B * T, dims["hidden"], dims["ffn"], dims["vocab"]
+    return [(n, d, f), (n, f, d), (d, n, f), (n, d, v), (n, v, d), (d, n, v)]
+
+
+def matmul_rates(impl: str, dims: dict, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of each `matmul_shapes` product alone in this library (median of `reps`)."""
+    rng = np.random.default_rng(0)
+    rates = {}
+    for m, k, n in matmul_shapes(dims):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        if impl == "jax":
+            import jax
+            import jax.numpy as jnp
+            a, b = jnp.asarray(a), jnp.asarray(b)
+            mm = jax.jit(jnp.matmul)
+            fn = lambda: mm(a, b).block_until_ready()  # noqa: E731
+        else:
+            import torch
+            a, b = torch.from_numpy(a), torch.from_numpy(b)
+            fn = lambda: a @ b  # noqa: E731
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rates[f"{m}x{k}x{n}"] = 2.0 * m * k * n / float(np.median(times)) / 1e9
+    return rates
+
+
+def print_roofline(rates: dict, res: dict, ready: dict) -> None:
+    """The step time the best measured matmul rate allows for the step's FLOPs, and the goal."""
+    for impl, r in rates.items():
+        shown = "  ".join(f"{k} {v:.0f}" for k, v in r.items())
+        print(f"{impl:>13}: matmul GFLOP/s alone {shown}")
+    best = max(v for r in rates.values() for v in r.values())
+    fpt = next((ready[i]["flops_per_token"] for i in ready if ready[i].get("flops_per_token")), 0)
+    if not fpt:
+        return
+    flops = fpt * B * T
+    line = (f"roofline: {flops / 1e9:.0f} GFLOP per step (6 N + 12 L T D) at the best matmul rate "
+            f"{best:.0f} GFLOP/s = {flops / best / 1e9:.2f} s/step at the least")
+    if "torch" in res:
+        goal = B * T / res["torch"]["tps"] / 1.5
+        line += f"; 1.5x torch eager = {goal:.2f} s/step, {flops / goal / 1e9:.0f} GFLOP/s"
+    print(line)
 
 
 def _jax_platform() -> str:
@@ -243,6 +308,9 @@ def main() -> None:
                     help="our per-layer rematerialisation (model.remat; training default none)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="our layers as one nnx.scan over stacked weights (model.scan_layers)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="after the steps, time the step's large matmuls alone in each library "
+                         "and print the step time their best rate allows")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T = args.batch, args.seq
@@ -293,11 +361,15 @@ def main() -> None:
     second = [steps[i][0]["loss"] for i in live]
     if max(second) - min(second) > 1e-3 * abs(second[0]):
         raise SystemExit(f"losses after one update differ: {dict(zip(live, second))}")
-    peaks = {i: children[i].send("quit") for i in live}
+    peaks, rates = {}, {}
+    for i in live:                      # one child at a time: the matmuls must not overlap
+        peaks[i] = children[i].send("matmul" if args.roofline else "quit")
+        if args.roofline:
+            rates[i] = children[i].read()["matmul_gflops"]
     for impl in live:
         children[impl].proc.wait()
     print(f"{'':>13}  {'tokens/s':>9} {'s/step':>7} {'min-max s':>11} {'cpu s':>6} "
-          f"{'peak RSS MB':>11} {'steps peak':>10}")
+          f"{'peak RSS MB':>11} {'steps peak':>10} {'faults/step':>11}")
     res = {}
     for impl in live:
         wall = np.array([s["wall_s"] for s in steps[impl]])
@@ -311,7 +383,10 @@ def main() -> None:
                   f"FLOPs/token, {ready[impl]['devices']} device(s) at {args.peak_flops:.3g})")
         print(f"{impl:>13}: {B * T / med:9.1f} {med:7.2f} {wall.min():5.2f}-{wall.max():5.2f} "
               f"{cpu:6.2f} {peaks[impl]['peak_rss_mb']:11.0f} "
-              f"{peaks[impl]['steps_peak_rss_mb']:10.0f}")
+              f"{peaks[impl]['steps_peak_rss_mb']:10.0f} "
+              f"{np.median([s['faults'] for s in steps[impl]]):11.0f}")
+    if rates:
+        print_roofline(rates, res, ready)
     print(f"median of {args.steps} interleaved steps; loss after one update "
           f"{dict(zip(live, [round(x, 6) for x in second]))}; load average at end {_loadavg()}")
     if "jax" in res and "torch" in res:
