@@ -182,6 +182,7 @@ def child(impl: str, loss: str, remat: str = "none", scan_layers: bool = False) 
           "flops_per_token": getattr(run, "flops_per_token", None),
           "devices": getattr(run, "devices", None),
           "cpus": sorted(os.sched_getaffinity(0))})
+    line = ""
     for line in sys.stdin:
         if line.strip() != "step":
             break
