@@ -207,21 +207,20 @@ def matmul_shapes(dims: dict) -> list[tuple[int, int, int]]:
 
 def matmul_rates(impl: str, dims: dict, reps: int = 5) -> dict[str, float]:
     """GFLOP/s of each `matmul_shapes` product alone in this library (median of `reps`)."""
+    if impl == "jax":
+        import jax
+        import jax.numpy as jnp
+        mm = jax.jit(jnp.matmul)
+        as_array, product = jnp.asarray, lambda a, b: mm(a, b).block_until_ready()
+    else:
+        import torch
+        as_array, product = torch.from_numpy, lambda a, b: a @ b
     rng = np.random.default_rng(0)
     rates = {}
     for m, k, n in matmul_shapes(dims):
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
-        if impl == "jax":
-            import jax
-            import jax.numpy as jnp
-            a, b = jnp.asarray(a), jnp.asarray(b)
-            mm = jax.jit(jnp.matmul)
-            fn = lambda: mm(a, b).block_until_ready()  # noqa: E731
-        else:
-            import torch
-            a, b = torch.from_numpy(a), torch.from_numpy(b)
-            fn = lambda: a @ b  # noqa: E731
+        a = as_array(rng.standard_normal((m, k), dtype=np.float32))
+        b = as_array(rng.standard_normal((k, n), dtype=np.float32))
+        fn = lambda: product(a, b)  # noqa: E731
         fn()
         times = []
         for _ in range(reps):
