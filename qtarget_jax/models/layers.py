@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from qtarget_jax.models.config import ModelConfig, RopeScaling
-from qtarget_jax.models.lora import adapt
+from qtarget_jax.models.adapter import adapt
 
 _INIT_STD = 0.02
 
@@ -192,7 +192,7 @@ class Attention(nnx.Module):
         q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
         k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
         v = self._project(x_BTD, self.v_proj, self.v_bias if self.use_bias else None)
-        # LoRA adapters (models/lora.py), when the model has them: + (alpha/r) x A B.
+        # LoRA adapters (models/adapter.py), when the model has them: + (alpha/r) x A B.
         q = adapt(self, "q_proj", x_BTD, q, self.compute_dtype)
         k = adapt(self, "k_proj", x_BTD, k, self.compute_dtype)
         v = adapt(self, "v_proj", x_BTD, v, self.compute_dtype)

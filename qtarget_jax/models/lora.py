@@ -1,17 +1,16 @@
-"""Low-rank adapters (LoRA) on the Decoder's projections: add, freeze, view the base, merge.
+"""LoRA on a Decoder: add adapters, find them, seed their dropout, view the base, merge.
 
-For a projection y = x W with W [*in, *out] (e.g. q_proj [D, H, Dh], o_proj [H, Dh, D]):
+The adapter itself (A [*in, r], B [r, *out], y = x W + (alpha / r) dropout(x) A B) is
+models/adapter.py. Here, the targets are the Decoder's projections as params.RULES names them:
+each rule `model.layers.{i}.<module>.<x>_proj.weight` is target `x` (q, k, v, o, gate, up,
+down), so the HF / PEFT name of every adapter comes from the same table as the weights.
 
-    y = x W + (alpha / r) dropout(x) A B,    A [*in, r], B [r, *out]
-
-A starts as PEFT starts it (kaiming-uniform, bound 1/sqrt(fan_in)), B at zeros, so a fresh
-adapter leaves the model unchanged. A and B are `nnx.LoRAParam`s (the only trainable
-variables of an adapted model); they carry the logical axis names of W's in / out dims and an
-unsharded rank axis (None), so they shard by the same rules (models/sharding.py). With
-scan_layers they carry W's leading [layers] axis too.
+Adapters are found one way: `adapters(model)` walks the model graph for `Adapter` nodes and
+names each one's layer and target from its path; an adapter at a path the Decoder layout does
+not have is an error, and so is adding adapters to a model that is not a Decoder.
 
     add_lora(model, LoraConfig(rank=16, alpha=32, targets=("q", "v")), seed=0)
-    base = base_view(model)          # the same base arrays, no adapters (the initial model)
+    base = base_view(base_graphdef(model), rest)   # the same base arrays, no adapters
     merged = merge_lora(model)       # a plain Decoder with W + (alpha/r) A B, for export
 
 Dropout is applied only in the train step, which seeds it with `seed_dropout(model, key)`;
@@ -21,23 +20,56 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qtarget_jax.config import LORA_TARGETS, check_lora
+from qtarget_jax.models.adapter import SUFFIX, Adapter
+from qtarget_jax.models.decoder import Decoder
+from qtarget_jax.models.params import RULES, Rule
 
-# target name -> (sub-module of Block, kernel attribute, number of leading input dims of W)
-TARGETS: dict[str, tuple[str, str, int]] = {
-    "q": ("attn", "q_proj", 1), "k": ("attn", "k_proj", 1), "v": ("attn", "v_proj", 1),
-    "o": ("attn", "o_proj", 2),
-    "gate": ("mlp", "gate_proj", 1), "up": ("mlp", "up_proj", 1), "down": ("mlp", "down_proj", 1),
-}
-assert tuple(TARGETS) == LORA_TARGETS
-SUFFIX = "_lora"  # the adapter of `q_proj` is the attribute `q_proj_lora` of the same module
+_PROJECTION = re.compile(r"model\.layers\.\{i\}\.\w+\.(\w+)_proj\.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A projection an adapter can wrap, read off its `params.RULES` entry.
+
+    E.g. q: rule "model.layers.{i}.self_attn.q_proj.weight" -> "layers.{i}.attn.q_proj", so
+    sub "attn", kernel "q_proj", n_in 1 (W [D, H, Dh]); o: W [H, Dh, D], n_in 2.
+    """
+    name: str
+    rule: Rule
+
+    @property
+    def sub(self) -> str:
+        """The Block attribute holding the kernel ("attn" / "mlp")."""
+        return self.rule.ours.split(".")[2]
+
+    @property
+    def kernel(self) -> str:
+        """The kernel's attribute name ("q_proj"); its adapter is `kernel + SUFFIX`."""
+        return self.rule.ours.split(".")[3]
+
+    @property
+    def n_in(self) -> int:
+        """How many leading dims of our W are the HF input dim (W_hf [out, in])."""
+        shape, (out, inp) = self.rule.our_shape, self.rule.hf_shape
+        return 1 if shape[0] == inp else len(shape) - 1
+
+    def peft_module(self, layer: int) -> str:
+        """PEFT's name of this projection in `layer`: base_model.model.<HF module path>."""
+        return "base_model.model." + self.rule.hf.format(i=layer).removesuffix(".weight")
+
+
+TARGETS: dict[str, Target] = {m.group(1): Target(m.group(1), rule) for rule in RULES
+                              if (m := _PROJECTION.fullmatch(rule.hf))}
+assert tuple(TARGETS) == LORA_TARGETS, (tuple(TARGETS), LORA_TARGETS)
+_BY_ATTRIBUTE = {(t.sub, t.kernel + SUFFIX): t for t in TARGETS.values()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,95 +91,77 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-class DropoutKey(nnx.Variable):
-    """Raw PRNG key data u32[2] (u32[L, 2] stacked) for an adapter's dropout; not trained."""
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where an adapter sits: `layer` (None: one stacked adapter over all layers, scan_layers,
+    whose row i is layer i), its `target`, the module `owner` of the kernel, the `adapter`."""
+    layer: int | None
+    target: Target
+    owner: nnx.Module
+    adapter: Adapter
 
 
-class Adapter(nnx.Module):
-    """A [*in, r] and B [r, *out] of one projection; __call__(x [B, T, *in]) -> [B, T, *out]."""
-
-    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
-                 in_axes: Sequence[str | None], out_axes: Sequence[str | None], cfg: LoraConfig,
-                 key: jax.Array, *, param_dtype: Any, layers: int | None = None):
-        r = cfg.rank
-        lead = () if layers is None else (layers,)
-        lead_axes = () if layers is None else ("layers",)
-        fan_in = math.prod(in_shape)
-        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as PEFT and torch Linear
-        a = jax.random.uniform(key, (*lead, *in_shape, r), jnp.float32, -bound, bound)
-        self.a = nnx.LoRAParam(a.astype(param_dtype), eager_sharding=False,
-                               out_sharding=(*lead_axes, *in_axes, None))
-        self.b = nnx.LoRAParam(jnp.zeros((*lead, r, *out_shape), param_dtype),
-                               eager_sharding=False, out_sharding=(*lead_axes, None, *out_axes))
-        self.key = DropoutKey(jnp.zeros((*lead, 2), jnp.uint32), eager_sharding=False,
-                              out_sharding=(*lead_axes, None))
-        self.n_in, self.scale, self.dropout = len(in_shape), cfg.scale, cfg.dropout
-        self.alpha = cfg.alpha
-        self.dropout_on = False  # set by seed_dropout (the train step) only
-
-    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        """x [B, T, *in] (compute dtype) -> (alpha / r) dropout(x) A B [B, T, *out] in `dtype`."""
-        if self.dropout_on and self.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key[...]),
-                                        1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
-        axes = list(range(x.ndim - self.n_in, x.ndim))
-        low = jnp.tensordot(x, a, axes=(axes, list(range(self.n_in))))     # [B, T, r]
-        return jnp.tensordot(low, b * jnp.asarray(self.scale, dtype), axes=1)
+def _check_decoder(model: Any, caller: str) -> None:
+    if not isinstance(model, Decoder):
+        raise TypeError(f"{caller}: LoRA knows the Decoder's layout (params.RULES) only; got a "
+                        f"{type(model).__name__}")
 
 
-def adapt(module: nnx.Module, kernel: str, x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
-    """y + the adapter of `module.<kernel>` applied to x, or y when that kernel has none."""
-    adapter = getattr(module, kernel + SUFFIX, None)
-    return y if adapter is None else y + adapter(x, dtype)
-
-
-def _blocks(model: nnx.Module) -> tuple[list[nnx.Module], int | None]:
+def _blocks(model: Decoder) -> tuple[list[nnx.Module], int | None]:
     """(the Block modules, L when they are one stacked Block (scan_layers) else None)."""
     if model.cfg.scan_layers:
         return [model.layers], model.cfg.num_layers
     return list(model.layers), None
 
 
-def add_lora(model: nnx.Module, cfg: LoraConfig, seed: int = 0,
-             param_dtype: Any = None) -> nnx.Module:
+def add_lora(model: Decoder, cfg: LoraConfig, seed: int = 0,
+             param_dtype: Any = None) -> Decoder:
     """Adds an Adapter to each targeted projection of every layer of a Decoder, in place.
 
     A and B are created in `param_dtype` (None: the kernel's dtype), e.g. float32 adapters on
     a bfloat16 base; returns `model`.
     """
+    _check_decoder(model, "add_lora")
     if has_lora(model):
         raise ValueError("add_lora: the model already has adapters")
     blocks, layers = _blocks(model)
     key = jax.random.PRNGKey(seed)
-    for i, block in enumerate(blocks):
+    for block in blocks:
         for name in cfg.targets:
-            sub, kernel, n_in = TARGETS[name]
-            owner = getattr(block, sub)
-            w = getattr(owner, kernel)
+            t = TARGETS[name]
+            owner = getattr(block, t.sub)
+            w = getattr(owner, t.kernel)
             axes = w.get_metadata()["out_sharding"]
             shape, axes = (w.shape[1:], axes[1:]) if layers is not None else (w.shape, axes)
             key, sub_key = jax.random.split(key)
-            setattr(owner, kernel + SUFFIX, Adapter(
-                shape[:n_in], shape[n_in:], axes[:n_in], axes[n_in:], cfg, sub_key,
-                param_dtype=w.dtype if param_dtype is None else param_dtype, layers=layers))
+            setattr(owner, t.kernel + SUFFIX, Adapter(
+                shape[:t.n_in], shape[t.n_in:], axes[:t.n_in], axes[t.n_in:], rank=cfg.rank,
+                alpha=cfg.alpha, dropout=cfg.dropout, key=sub_key, layers=layers,
+                param_dtype=w.dtype if param_dtype is None else param_dtype))
     return model
 
 
-def adapters(model: nnx.Module) -> list[tuple[nnx.Module, str, Adapter]]:
-    """(owner module, kernel name, adapter) for every adapter of `model`, in layer order."""
-    if not (hasattr(model, "layers") and hasattr(model, "cfg")):
-        return []  # not a Decoder
-    blocks, _ = _blocks(model)
-    out = []
-    for block in blocks:
-        for sub, kernel, _ in TARGETS.values():
-            owner = getattr(block, sub)
-            ad = getattr(owner, kernel + SUFFIX, None)
-            if ad is not None:
-                out.append((owner, kernel, ad))
-    return out
+def _site(path: tuple, adapter: Adapter, parents: dict[tuple, nnx.Module]) -> Site:
+    """The Site of the Adapter at graph `path`: ('layers', [i,] sub, kernel + SUFFIX)."""
+    layer = path[1] if len(path) == 4 and isinstance(path[1], int) else None
+    target = _BY_ATTRIBUTE.get(tuple(path[-2:]))
+    if path[0] != "layers" or len(path) != (3 if layer is None else 4) or target is None:
+        raise ValueError(f"adapters: an Adapter at {'.'.join(map(str, path))}, where the "
+                         "Decoder layout (layers[.i].<attn|mlp>.<kernel>_lora) has none")
+    return Site(layer, target, parents[path[:-1]], adapter)
+
+
+def adapters(model: nnx.Module) -> list[Site]:
+    """Every adapter of `model`, by (layer, TARGETS order); [] for a model without any.
+
+    Raises ValueError for an Adapter at a path a Decoder does not have (e.g. a Decoder held
+    inside another module), so an adapted model is never taken for a plain one.
+    """
+    nodes = dict(nnx.iter_graph(model))
+    sites = [_site(tuple(path), node, nodes) for path, node in nodes.items()
+             if isinstance(node, Adapter)]
+    order = {name: i for i, name in enumerate(TARGETS)}
+    return sorted(sites, key=lambda s: (s.layer or 0, order[s.target.name]))
 
 
 def has_lora(model: nnx.Module) -> bool:
@@ -156,8 +170,8 @@ def has_lora(model: nnx.Module) -> bool:
 
 
 def trainable_filter(model: nnx.Module) -> Any:
-    """The nnx filter of what the optimizer trains: LoRAParam for an adapted model (the base
-    weights are frozen), every Param otherwise."""
+    """The nnx filter of what the optimizer trains: LoRAParam (the adapters' A and B) for an
+    adapted model, whose base weights are frozen; every Param otherwise."""
     return nnx.LoRAParam if has_lora(model) else nnx.Param
 
 
@@ -165,7 +179,8 @@ def seed_dropout(model: nnx.Module, key_data: jax.Array) -> None:
     """Turns dropout on for this model instance with fresh keys from `key_data` (u32[2]),
     one per adapter (and per layer when stacked). Called by the train step only."""
     key = jax.random.wrap_key_data(key_data)
-    for i, (_, _, ad) in enumerate(adapters(model)):
+    for i, site in enumerate(adapters(model)):
+        ad = site.adapter
         if ad.dropout == 0:
             continue
         shape = ad.key.shape[:-1]
@@ -174,20 +189,22 @@ def seed_dropout(model: nnx.Module, key_data: jax.Array) -> None:
         ad.dropout_on = True
 
 
-def base_graphdef(model: nnx.Module) -> Any:
+def _plain(model: Decoder) -> Decoder:
+    """An abstract plain Decoder (no adapters) of `model`'s config."""
+    _check_decoder(model, "LoRA base")
+    return nnx.eval_shape(lambda: Decoder(model.cfg, rngs=nnx.Rngs(0)))
+
+
+def base_graphdef(model: Decoder) -> Any:
     """The graphdef of `model` without its adapters (a plain Decoder), for `base_view`."""
-    return nnx.split(nnx.eval_shape(lambda: _strip(model)))[0]
-
-
-def _strip(model: nnx.Module) -> nnx.Module:
-    from qtarget_jax.models.decoder import Decoder
-    return Decoder(model.cfg, rngs=nnx.Rngs(0))
+    return nnx.split(_plain(model))[0]
 
 
 def drop_adapters(tree: dict) -> dict:
-    """A pure state dict without the adapter subtrees (keys ending in `_lora`)."""
+    """A pure state dict without the adapter subtrees (the keys <kernel>_lora of TARGETS)."""
+    names = {t.kernel + SUFFIX for t in TARGETS.values()}
     return {k: drop_adapters(v) if isinstance(v, dict) else v
-            for k, v in tree.items() if not str(k).endswith(SUFFIX)}
+            for k, v in tree.items() if k not in names}
 
 
 def base_view(graphdef: Any, base_state: dict) -> nnx.Module:
@@ -206,36 +223,31 @@ class BaseTeacher:
         return base_view(self.graphdef, base_state)
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
+def merge_lora(model: Decoder) -> Decoder:
     """A plain Decoder (no adapters) whose targeted kernels are W + (alpha/r) A B, computed in
     float32 and stored in W's dtype; `model` itself when it has no adapters. `model` is left
     unchanged."""
-    from qtarget_jax.models.decoder import Decoder
-    if not has_lora(model):
+    sites = adapters(model)
+    if not sites:
         return model
-    merged = nnx.eval_shape(lambda: Decoder(model.cfg, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(merged)
-    state = drop_adapters(nnx.state(model).to_pure_dict())
-    merged = nnx.merge(graphdef, state)
-    blocks, layers = _blocks(model)
-    new_blocks, _ = _blocks(merged)
-    for block, new_block in zip(blocks, new_blocks):
-        for sub, kernel, _ in TARGETS.values():
-            ad = getattr(getattr(block, sub), kernel + SUFFIX, None)
-            if ad is None:
-                continue
-            w = getattr(getattr(new_block, sub), kernel)
-            a = jnp.asarray(ad.a[...], jnp.float32)
-            b = jnp.asarray(ad.b[...], jnp.float32)
-            if layers is None:
-                delta = jnp.tensordot(a, b, axes=1)
-            else:  # [L, *in, r] x [L, r, *out] -> [L, *in, *out]
-                delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=1))(a, b)
-            w.set_value((jnp.asarray(w[...], jnp.float32) + ad.scale * delta).astype(w.dtype))
+    graphdef, _ = nnx.split(_plain(model))
+    merged = nnx.merge(graphdef, drop_adapters(nnx.state(model).to_pure_dict()))
+    blocks, _ = _blocks(merged)
+    for site in sites:
+        block = blocks[0 if site.layer is None else site.layer]
+        w = getattr(getattr(block, site.target.sub), site.target.kernel)
+        a = jnp.asarray(site.adapter.a[...], jnp.float32)
+        b = jnp.asarray(site.adapter.b[...], jnp.float32)
+        if site.layer is not None:
+            delta = jnp.tensordot(a, b, axes=1)
+        else:  # [L, *in, r] x [L, r, *out] -> [L, *in, *out]
+            delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=1))(a, b)
+        w.set_value((jnp.asarray(w[...], jnp.float32) + site.adapter.scale * delta
+                     ).astype(w.dtype))
     return merged
 
 
 def adapter_bytes(model: nnx.Module) -> int:
     """Bytes of every A and B of `model`."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for s in adapters(model)
+               for x in (s.adapter.a, s.adapter.b))

@@ -18,28 +18,24 @@ from typing import Any
 import numpy as np
 
 from qtarget_jax.models import hf_io
-from qtarget_jax.models.lora import TARGETS, adapters
-
-_HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
+from qtarget_jax.models.lora import adapters
 
 
 def peft_tensors(model: Any) -> dict[str, np.ndarray]:
-    """PEFT-named float32 arrays (lora_A [r, in], lora_B [out, r] per layer and projection)."""
-    cfg = model.cfg
-    out: dict[str, np.ndarray] = {}
-    per_block = {kernel: sub for sub, kernel, _ in TARGETS.values()}
-    found = adapters(model)
-    if not found:
+    """PEFT-named float32 arrays (lora_A [r, in], lora_B [out, r] per layer and projection),
+    named by `lora.Target.peft_module` (params.RULES)."""
+    sites = adapters(model)
+    if not sites:
         raise ValueError("peft_tensors: the model has no LoRA adapters")
-    counts: dict[str, int] = {}
-    for _, kernel, ad in found:
-        a, b = np.asarray(ad.a[...], np.float32), np.asarray(ad.b[...], np.float32)
-        layers = range(cfg.num_layers) if cfg.scan_layers else [counts.get(kernel, 0)]
-        counts[kernel] = counts.get(kernel, 0) + 1
-        for i in layers:
-            a_i, b_i = (a[i], b[i]) if cfg.scan_layers else (a, b)
+    out: dict[str, np.ndarray] = {}
+    for site in sites:
+        a = np.asarray(site.adapter.a[...], np.float32)
+        b = np.asarray(site.adapter.b[...], np.float32)
+        # A stacked adapter (scan_layers) holds every layer as a row; else one layer.
+        rows = enumerate(zip(a, b)) if site.layer is None else [(site.layer, (a, b))]
+        for i, (a_i, b_i) in rows:
             r = a_i.shape[-1]
-            name = f"base_model.model.model.layers.{i}.{_HF_MODULE[per_block[kernel]]}.{kernel}"
+            name = site.target.peft_module(i)
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.reshape(-1, r).T)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.reshape(r, -1).T)
     return out
@@ -50,14 +46,14 @@ def export_peft(model: Any, folder: str, *, base_model: str = "") -> list[str]:
 
     base_model: recorded as `base_model_name_or_path` (the base PEFT applies them to).
     """
-    found = adapters(model)
-    if not found:
+    sites = adapters(model)
+    if not sites:
         raise ValueError("export_peft: the model has no LoRA adapters")
-    ad = found[0][2]
+    ad = sites[0].adapter
     rank = int(ad.a.shape[-1])
     os.makedirs(folder, exist_ok=True)
     hf_io._save(peft_tensors(model), os.path.join(folder, "adapter_model.safetensors"))
-    modules = sorted({kernel for _, kernel, _ in found})
+    modules = sorted({site.target.peft_module(0).rsplit(".", 1)[-1] for site in sites})
     hf_io.write_json({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
         "lora_alpha": float(ad.alpha), "lora_dropout": float(ad.dropout),

@@ -18,6 +18,10 @@ from qtarget_jax.train import mesh as mesh_lib
 
 LAYOUTS = [("qwen2_bias", False), ("qwen2_bias", True), ("smollm2_tied", True),
            ("qwen3_qk_norm", False)]
+# target -> (Block attribute, kernel, leading input dims of W), written out independently of lora.py
+KERNELS = {"q": ("attn", "q_proj", 1), "k": ("attn", "k_proj", 1), "v": ("attn", "v_proj", 1),
+           "o": ("attn", "o_proj", 2), "gate": ("mlp", "gate_proj", 1),
+           "up": ("mlp", "up_proj", 1), "down": ("mlp", "down_proj", 1)}
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)), jnp.int32)
 
 
@@ -31,7 +35,8 @@ def _pair(family, scan, targets=lora.TARGETS, rank=4, alpha=8.0):
 
 
 def _randomise_b(model, seed=1):
-    for i, (_, _, ad) in enumerate(lora.adapters(model)):
+    for i, site in enumerate(lora.adapters(model)):
+        ad = site.adapter
         ad.b.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(seed + i), ad.b.shape))
 
 
@@ -53,8 +58,8 @@ def test_adapted_logits_equal_numpy_merged_weights(family, scan):
         blk = adapted.layers if scan else adapted.layers[layer]
         ref = base.layers if scan else base.layers[layer]
         for name in ("q", "o", "down", "v"):
-            sub, kernel, n_in = lora.TARGETS[name]
-            ad = getattr(getattr(blk, sub), kernel + lora.SUFFIX)
+            sub, kernel, n_in = KERNELS[name]
+            ad = getattr(getattr(blk, sub), kernel + "_lora")
             a, b = np.asarray(ad.a[...]), np.asarray(ad.b[...])
             w_var = getattr(getattr(ref, sub), kernel)
             w = np.array(w_var[...])
@@ -150,3 +155,64 @@ def test_lora_section_loads():
     cfg = load_config(None, ("lora.rank=16", "lora.targets=[q, v]")).config.lora
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.targets) == (16, 16.0, 0.0, ["q", "v"])
     assert load_config(None, ()).config.lora.rank == 0
+
+
+def test_targets_come_from_the_params_rules():
+    assert tuple(lora.TARGETS) == ("q", "k", "v", "o", "gate", "up", "down")
+    assert {n: (t.sub, t.kernel, t.n_in) for n, t in lora.TARGETS.items()} == KERNELS
+    assert lora.TARGETS["o"].peft_module(3) == "base_model.model.model.layers.3.self_attn.o_proj"
+    assert lora.TARGETS["up"].peft_module(0) == "base_model.model.model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_each_adapter_comes_with_its_layer_and_target(scan):
+    _, adapted = _pair("qwen2_bias", scan, targets=("down", "q"))
+    got = [(s.layer, s.target.name) for s in lora.adapters(adapted)]
+    want = [(None, "q"), (None, "down")] if scan else [(0, "q"), (0, "down"), (1, "q"),
+                                                        (1, "down")]
+    assert got == want
+    for s in lora.adapters(adapted):
+        block = adapted.layers if scan else adapted.layers[s.layer]
+        owner = getattr(block, KERNELS[s.target.name][0])
+        assert s.owner is owner
+        assert s.adapter is getattr(owner, KERNELS[s.target.name][1] + "_lora")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_tensor_names_and_layers(scan):
+    """Names as PEFT writes them for a Llama (written out here), each layer's own A and B."""
+    from qtarget_jax.models.peft_export import peft_tensors
+    _, adapted = _pair("qwen2_bias", scan, targets=("o", "gate"), rank=3)
+    _randomise_b(adapted)
+    tensors = peft_tensors(adapted)
+    pre = "base_model.model.model.layers."
+    assert sorted(tensors) == sorted(
+        f"{pre}{i}.{m}.lora_{x}.weight" for i in (0, 1)
+        for m in ("self_attn.o_proj", "mlp.gate_proj") for x in "AB")
+    for i in (0, 1):
+        ad = (adapted.layers if scan else adapted.layers[i]).attn.o_proj_lora
+        a, b = np.asarray(ad.a[...]), np.asarray(ad.b[...])
+        a, b = (a[i], b[i]) if scan else (a, b)          # A [H, Dh, r], B [r, D]
+        np.testing.assert_array_equal(tensors[f"{pre}{i}.self_attn.o_proj.lora_A.weight"],
+                                      a.reshape(-1, 3).T)
+        np.testing.assert_array_equal(tensors[f"{pre}{i}.self_attn.o_proj.lora_B.weight"], b.T)
+    assert not np.array_equal(tensors[f"{pre}0.self_attn.o_proj.lora_B.weight"],
+                              tensors[f"{pre}1.self_attn.o_proj.lora_B.weight"])
+
+
+class _Wrapper(nnx.Module):
+    def __init__(self, inner):
+        self.inner = inner
+
+
+def test_an_unrecognised_model_is_an_error_not_a_plain_model():
+    _, adapted = _pair("qwen2_bias", False, targets=("q",))
+    wrapped = _Wrapper(adapted)
+    with pytest.raises(ValueError, match=r"inner\.layers\.0\.attn\.q_proj_lora"):
+        lora.adapters(wrapped)
+    with pytest.raises(ValueError, match="q_proj_lora"):
+        lora.trainable_filter(wrapped)             # would otherwise train the whole base
+    with pytest.raises(TypeError, match="add_lora: .*_Wrapper"):
+        lora.add_lora(_Wrapper(Decoder(tiny_config("qwen2_bias"), rngs=nnx.Rngs(0))),
+                      lora.LoraConfig(rank=2))
+    assert lora.adapters(Decoder(tiny_config("qwen2_bias"), rngs=nnx.Rngs(0))) == []

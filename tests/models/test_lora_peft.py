@@ -28,8 +28,9 @@ def test_peft_loads_our_adapters(tmp_path, family, scan, targets):
     export_hf(base, cfg, str(tmp_path / "base"))
     model = lora.add_lora(Decoder(cfg, rngs=nnx.Rngs(0)),
                           lora.LoraConfig(rank=3, alpha=5.0, targets=targets))
-    for i, (_, _, ad) in enumerate(lora.adapters(model)):
-        ad.b.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(i), ad.b.shape))
+    for i, site in enumerate(lora.adapters(model)):
+        site.adapter.b.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(i),
+                                                         site.adapter.b.shape))
     export_peft(model, str(tmp_path / "peft"), base_model=str(tmp_path / "base"))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32,
                                               attn_implementation="eager")
