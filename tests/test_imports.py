@@ -1,10 +1,12 @@
-"""The package's parts depend on each other in one direction only.
+"""The package's modules, and its parts, depend on each other in one direction only.
 
 Every `import` in qtarget_jax/**/*.py is read with `ast` (at module top AND inside functions,
-where an import can hide a cycle until it runs) and mapped to the part it belongs to: a
-subpackage (train, evaluate, models, targets, data, problems) or a top-level module (config,
-checkpoint, generate, lens). The graph of parts must have no cycle; a cycle is named with the
-file:line of each import on it.
+where an import can hide a cycle until it runs). Two graphs must have no cycle; a cycle is
+named with the file:line of each import on it:
+- modules: each .py file is a node (a package's __init__.py is the package); `from a import b`
+  is an edge to module a.b when that is a module, else to a;
+- parts: each import mapped to the part it belongs to, a subpackage (train, evaluate, models,
+  targets, data, problems) or a top-level module (config, checkpoint, generate, lens).
 """
 from __future__ import annotations
 
@@ -68,6 +70,32 @@ def part_edges(root: pathlib.Path) -> dict[tuple[str, str], list[str]]:
     return edges
 
 
+def _modules(root: pathlib.Path) -> dict[str, tuple[pathlib.Path, bool]]:
+    """{dotted module name: (path, is a package __init__)} of every .py file under `root`."""
+    return {name: (path, is_init) for path in sorted(root.rglob("*.py"))
+            for name, is_init in [_module_name(root, path)]}
+
+
+def module_edges(root: pathlib.Path) -> dict[tuple[str, str], list[str]]:
+    """{(importing module, imported module): ["file:line", ...]} over every import in `root`,
+    both ends modules of the package (`from a import b`: a.b when a module, else a)."""
+    modules = _modules(root)
+    edges: dict[tuple[str, str], list[str]] = {}
+    for module, (path, is_init) in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names = _imported(node, module, is_init)
+            if isinstance(node, ast.ImportFrom):   # [prefix.x, ..., prefix]: a.b, else a
+                names = [n if n in modules else names[-1] for n in names[:-1]]
+            for name in sorted(set(names)):
+                while name and name not in modules:  # `import a.b.c`: the module a.b.c
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    edges.setdefault((module, name), []).append(
+                        f"{path.relative_to(root.parent)}:{node.lineno}")
+    return edges
+
+
 def find_cycle(edges: dict[tuple[str, str], list[str]]) -> list[str] | None:
     """One cycle [a, b, ..., a] of the directed graph `edges`, or None."""
     graph: dict[str, list[str]] = {}
@@ -110,6 +138,53 @@ def test_parts_of_the_package_import_each_other_without_a_cycle():
         assert edge in edges, f"expected an import {edge[0]} -> {edge[1]}; found {sorted(edges)}"
     cycle = find_cycle(edges)
     assert cycle is None, "import cycle between parts of qtarget_jax:\n" + describe(cycle, edges)
+
+
+def test_modules_of_the_package_import_each_other_without_a_cycle():
+    edges = module_edges(PACKAGE)
+    for edge in [("qtarget_jax.models.decoder", "qtarget_jax.models.layers"),
+                 ("qtarget_jax.models.loading", "qtarget_jax.models.convert"),
+                 ("qtarget_jax.train.step", "qtarget_jax.targets")]:   # a function-level one
+        assert edge in edges, f"expected an import {edge[0]} -> {edge[1]}; found {sorted(edges)}"
+    cycle = find_cycle(edges)
+    assert cycle is None, "import cycle between modules of qtarget_jax:\n" + describe(cycle,
+                                                                                      edges)
+
+
+# The two cycles the models package once had, in miniature: one closed by a function-level
+# import inside one module pair, one through three modules of the same subpackage.
+OLD_CYCLES = [
+    ({"__init__.py": "", "models/__init__.py": "",
+      "models/convert.py": "def main():\n    from pkg.models.loading import cached\n",
+      "models/loading.py": "def cached():\n    from pkg.models.convert import main\n"},
+     ["pkg.models.convert", "pkg.models.loading", "pkg.models.convert"]),
+    ({"__init__.py": "", "models/__init__.py": "from pkg.models.decoder import Decoder\n",
+      "models/decoder.py": "from pkg.models.layers import Block\nDecoder = Block\n",
+      "models/layers.py": "from .lora import adapt\nBlock = adapt\n",
+      "models/lora.py": "def adapt():\n    from pkg.models import decoder\n"},
+     ["pkg.models.decoder", "pkg.models.layers", "pkg.models.lora", "pkg.models.decoder"]),
+]
+
+
+@pytest.mark.parametrize("files,cycle", OLD_CYCLES)
+def test_a_cycle_inside_one_subpackage_is_found(tmp_path, files, cycle):
+    _write(tmp_path / "pkg", files)
+    assert find_cycle(part_edges(tmp_path / "pkg")) is None   # one part: the coarse graph is blind
+    assert find_cycle(module_edges(tmp_path / "pkg")) == cycle
+
+
+def test_a_package_init_is_a_module_and_from_import_names_the_submodule(tmp_path):
+    _write(tmp_path / "pkg", {
+        "__init__.py": "", "m/__init__.py": "from pkg.m.a import f\n",
+        "m/a.py": "import os\nfrom pkg.m import b\n\ndef f():\n    from . import c\n",
+        "m/b.py": "from pkg.m.c import g\n", "m/c.py": "import pkg.m.b as bb\ng = 1\n"})
+    edges = module_edges(tmp_path / "pkg")
+    assert edges == {("pkg.m", "pkg.m.a"): ["pkg/m/__init__.py:1"],
+                     ("pkg.m.a", "pkg.m.b"): ["pkg/m/a.py:2"],
+                     ("pkg.m.a", "pkg.m.c"): ["pkg/m/a.py:5"],
+                     ("pkg.m.b", "pkg.m.c"): ["pkg/m/b.py:1"],
+                     ("pkg.m.c", "pkg.m.b"): ["pkg/m/c.py:1"]}
+    assert find_cycle(edges) == ["pkg.m.b", "pkg.m.c", "pkg.m.b"]
 
 
 def test_train_and_evaluate_meet_in_one_direction():
