@@ -1,6 +1,7 @@
 """The train step: (state, batch) -> (state, metrics), pure, jitted once with explicit shardings.
 
     for each microbatch m:  (S_m, N_m, sums_m), g_m = grad of S_m = sum_t H(Q_t, p_t) wrt params
+                            (LoRA dropout masks from fold_in(state.rng, m): new per microbatch)
     g = (sum_m g_m) / (sum_m N_m)      one division by the global token count (or sequence count)
     params, opt_state = optax(g)       clip -> AdamW with masked decay
 
@@ -172,19 +173,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
 
     Only `state.params` are differentiated; the teacher's params are read, never updated.
     """
-    def micro_loss(params, mb):
+    def micro_loss(params, mb, index):
         # Modules are merged inside the differentiated function: nnx refuses graph nodes
         # created at another trace level.
         model, teacher = merge_models(state, params, graphdef=graphdef,
                                       teacher_graphdef=teacher_graphdef)
-        seed_dropout(model, state.rng)  # LoRA adapter dropout, in training only
+        # LoRA adapter dropout, in training only: a fresh mask per microbatch `index` i32[].
+        seed_dropout(model, jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(state.rng), index)))
         loss_sum, denom, sums = loss_fn(model, mb, teacher)
         return loss_sum, (denom, sums)
 
-    def accumulate(carry, mb):
+    def accumulate(carry, indexed_mb):
         grads_acc, totals = carry
+        index, mb = indexed_mb
         (loss_sum, (denom, sums)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-            state.params, mb)
+            state.params, mb, index)
         new = {"loss_sum": loss_sum, "denominator": denom, **sums}
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         if param_shardings is not None:
@@ -192,12 +196,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, l
         return (grads_acc, jax.tree.map(jnp.add, totals, new)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    abstract = jax.eval_shape(lambda p, mb: micro_loss(p, mb)[1], state.params,
+    abstract = jax.eval_shape(lambda p, mb: micro_loss(p, mb, 0)[1], state.params,
                               jax.tree.map(lambda x: x[:x.shape[0] // microbatches], batch))
     totals0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
                            {"loss_sum": abstract[0], "denominator": abstract[0], **abstract[1]})
-    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0),
-                                      split_microbatches(batch, microbatches))
+    indexed = (jnp.arange(microbatches), split_microbatches(batch, microbatches))
+    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0), indexed)
 
     denom = jnp.maximum(totals["denominator"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)

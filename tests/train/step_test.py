@@ -122,3 +122,64 @@ def test_float32_head_gradient_under_bfloat16_compute(tied):
     # The bfloat16-rounded gradient is far outside that tolerance: this test can fail.
     assert not np.allclose(rounded, ref, rtol=rtol, atol=atol)
     assert np.max(np.abs(rounded - ref)) > 100 * (atol + rtol * np.max(np.abs(ref)))
+
+
+def _lora_steps(dropout, microbatches, batches, record=None):
+    """Losses of a tiny LoRA Decoder (adapters on q, B randomised so dropout shows) trained
+    with `microbatches`; `record` (a list) gets each microbatch's loss sum, in order."""
+    from qtarget_jax.models import Decoder, ModelConfig, lora
+    from qtarget_jax.models.sharding import LOGICAL_RULES
+    from tests.train.multiprocess_worker import MODEL
+
+    model = Decoder(ModelConfig(**MODEL), rngs=nnx.Rngs(0))
+    lora.add_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=dropout, targets=("q",)))
+    for i, site in enumerate(lora.adapters(model)):
+        site.adapter.b.set_value(jax.random.normal(jax.random.PRNGKey(i), site.adapter.b.shape))
+
+    def loss_fn(m, batch, teacher):
+        logits = m(batch["tokens"]).astype(jnp.float32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                   jnp.maximum(batch["labels"], 0)[..., None], -1)[..., 0]
+        loss_sum = jnp.sum(nll * batch["loss_mask"])
+        if record is not None:
+            jax.debug.callback(lambda x: record.append(float(x)), loss_sum, ordered=True)
+        tokens = jnp.sum(batch["loss_mask"])
+        return loss_sum, tokens, {"tokens": tokens}
+
+    mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    tx, sched = make_optimizer(OptimSection(lr=1e-2), ScheduleSection(kind="constant"), 3)
+    built = init_state(model, tx, mesh, LOGICAL_RULES, seed=0)
+    step = jit_train_step(built.shardings, mesh_lib.batch_sharding(mesh),
+                          mesh_lib.replicated(mesh), graphdef=built.graphdef, loss_fn=loss_fn,
+                          tx=tx, schedule=sched, microbatches=microbatches)
+    state, losses = built.state, []
+    for batch in batches:
+        state, metrics = step(state, mesh_lib.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def _twin_rows(batch):
+    """Each row twice in a row: with 2 microbatches (rows j, 2+j, ...) both get the same data."""
+    return {k: np.repeat(v[:4], 2, axis=0) for k, v in batch.items()}
+
+
+def test_lora_dropout_masks_differ_across_microbatches():
+    from tests.train.multiprocess_worker import global_batches
+    batch = _twin_rows(global_batches()[0])
+    plain, dropped = [], []
+    _lora_steps(0.0, 2, [batch], record=plain)
+    _lora_steps(0.5, 2, [batch], record=dropped)
+    assert len(plain) == len(dropped) == 2
+    assert plain[0] == plain[1]                 # the two microbatches hold the same data
+    assert dropped[0] != plain[0] and dropped[1] != plain[1]   # dropout acts
+    assert dropped[0] != dropped[1], dropped    # ... with a different mask in each
+
+
+def test_lora_accumulated_equals_big_batch_without_dropout():
+    from tests.train.multiprocess_worker import global_batches
+    batches = global_batches()
+    big = _lora_steps(0.0, 1, batches)
+    acc = _lora_steps(0.0, 2, batches)
+    np.testing.assert_allclose(big, acc, rtol=1e-5, atol=1e-6)
+    assert big[-1] < big[0]
