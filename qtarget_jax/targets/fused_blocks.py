@@ -249,14 +249,9 @@ def _forward(plan, h, lm_head, teacher, rows):
     row, hid, vocab, t_spec = _specs(plan, teacher)
     fn = functools.partial(_pass1, plan)
     terms_spec = {name: row for name in ("loss",) + METRIC_NAMES}
-    saved_spec = {"lse": row, "gamma": row}
-    if plan.rows.top_k:
-        saved_spec.update(probs=P(plan.token_axes or None, None),
-                          ki=P(plan.token_axes or None, None))
-    elif plan.rows.kind == "teacher":
-        saved_spec["lse_t"] = row
-    elif plan.rows.kind == "guided":
-        saved_spec["lse_u"] = row
+    saved_spec = {"lse": row, "gamma": row, **{  # the residual's rows, as it declares them
+        name: P(plan.token_axes or None, *[None] * (ndim - 1))
+        for name, ndim in plan.rows.residual.saved_ndims(plan.rows).items()}}
     weights_spec = None if rows["weights"] is None else row
     fn = _sharded(plan, fn, (hid, vocab, t_spec, row, row, weights_spec),
                   (terms_spec, saved_spec))
