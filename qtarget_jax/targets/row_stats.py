@@ -28,9 +28,10 @@ needs only the row statistics and the block's logits (`tile_grad`).
 A gamma rule is evaluated here when it was registered with `row_stats=True` (it reads only
 p_y, entropy, weights); a residual when it has a class in `RESIDUALS` (`ROW_STAT_RESIDUALS`).
 
-Each residual kind has one home, a `Residual` subclass: the statistics it keeps (`init`), how a
-block updates them (`update`), how vocabulary shards combine them (`combine`), what they give
-per row (`finish`: <pi, z>, H(pi), pi_y and the rows it saves for the backward pass, whose
+Each residual kind has one home, a `Residual` subclass in residuals.py: the statistics it keeps
+(`init`), how a
+block updates them (`update`), how vocabulary shards combine them (`combine`), what they
+give per row (`finish`: <pi, z>, H(pi), pi_y and the rows it saves for the backward pass, whose
 shapes `saved_ndims` declares), and pi on a tile of the backward pass (`pi`). A new residual
 is one subclass and one `RESIDUALS` entry. `TopK` wraps the kind whose ranking it keeps.
 
@@ -54,12 +55,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import xlogy
 
 from qtarget_jax.targets import rules
 from qtarget_jax.targets.losses import rule_gamma, target_terms
+from qtarget_jax.targets.residuals import RESIDUALS, TopK, combine_lse, lse_of, online_lse
 from qtarget_jax.targets.spec import TargetSpec
 
+ROW_STAT_RESIDUALS = ("none",) + tuple(RESIDUALS)   # spec residuals; "none" is uniform
 sg = jax.lax.stop_gradient
 
 
@@ -97,7 +99,7 @@ class RowPlan:
         return residual
 
     @property
-    def residual(self) -> "Residual":
+    def residual(self):
         """The home of this plan's residual kind (wrapped in TopK when top_k > 0)."""
         kind = RESIDUALS[self.kind]
         return TopK(kind) if self.top_k else kind
@@ -111,229 +113,12 @@ class RowPlan:
         return min(self.spec.top_k, self.vocab) if self.spec.top_k else 0
 
 
-class Residual:
-    """A residual kind's row statistics. The base class is the part every kind shares: no
-    statistics of its own, no saved rows."""
-    needs_teacher = False
-
-    def init(self, plan: RowPlan, n: int, dtype) -> dict[str, jax.Array]:
-        """This kind's statistics of n empty rows."""
-        return {}
-
-    def update(self, plan: RowPlan, st, z, t, keep, cols, is_y) -> dict[str, jax.Array]:
-        """This kind's statistics after one block (z, t, cols as `update_stats`; keep [1, Vb]
-        the columns that count, is_y [n, Vb] the label's column)."""
-        return {}
-
-    def combine(self, plan: RowPlan, st, axis: str) -> dict[str, jax.Array]:
-        """This kind's statistics of whole rows from per-shard ones (vocab sharded on axis)."""
-        return {}
-
-    def finish(self, plan: RowPlan, st, row: dict) -> tuple:
-        """(<pi, z> - lse as the cross-entropy H(pi, p), H(pi), pi_y, saved rows) [n] each,
-        from whole-row statistics; `row` has lse, entropy, zy (NaN where an out-of-range label
-        counts), p_y, in_range [n]."""
-        raise NotImplementedError
-
-    def saved_ndims(self, plan: RowPlan) -> dict[str, int]:
-        """{name: ndim} of the rows `finish` saves for the backward pass (leading dim n)."""
-        return {}
-
-    def pi(self, plan: RowPlan, saved, z, t, cols, p):
-        """pi on one [n, Vb] tile (z, t, cols as `tile_grad`; p = softmax(z) there)."""
-        raise NotImplementedError
-
-    def rank_key(self, plan: RowPlan, z, t):
-        """The [n, Vb] logits whose top-k a `TopK` of this kind keeps."""
-        raise ValueError(f"residual kind {plan.kind!r} has no ranking for top_k")
-
-
-class Uniform(Residual):
-    """pi = 1 / V: <pi, z> = sz / V, H(pi) = log V."""
-
-    def init(self, plan, n, dtype):
-        return {"sz": jnp.zeros((n,), dtype)}
-
-    def update(self, plan, st, z, t, keep, cols, is_y):
-        return {"sz": st["sz"] + jnp.sum(jnp.where(keep, z, 0.0), axis=-1)}
-
-    def combine(self, plan, st, axis):
-        return {"sz": jax.lax.psum(st["sz"], axis)}
-
-    def finish(self, plan, st, row):
-        lse, dtype = row["lse"], row["lse"].dtype
-        return (lse - st["sz"] / plan.vocab, jnp.full(lse.shape, jnp.log(plan.vocab), dtype),
-                jnp.full(lse.shape, 1.0 / plan.vocab, dtype), {})
-
-    def pi(self, plan, saved, z, t, cols, p):
-        return 1.0 / plan.vocab
-
-
-class Student(Residual):
-    """pi = p: <pi, z> and H(pi) are the entropy; no statistics of its own."""
-
-    def finish(self, plan, st, row):
-        pi_y = jnp.where(row["in_range"], row["p_y"], 0.0)
-        return row["entropy"], row["entropy"], pi_y, {}
-
-    def pi(self, plan, saved, z, t, cols, p):
-        return p
-
-    def rank_key(self, plan, z, t):
-        return z
-
-
-class _Softmax(Residual):
-    """pi = softmax(x) of a per-tile x(z, t): one more online logsumexp over x, with the
-    statistics (max, sum e^(x-max), sum e^(x-max) x, sum e^(x-max) z) named by NAMES, the
-    label teacher logit ty, and lse_x saved as SAVED."""
-    needs_teacher = True
-    NAMES: tuple[str, str, str, str]
-    SAVED: str
-
-    def x(self, plan, z, t):
-        raise NotImplementedError
-
-    def init(self, plan, n, dtype):
-        m, s, b, c = self.NAMES
-        zero = jnp.zeros((n,), dtype)
-        return {"ty": zero, m: jnp.full((n,), -jnp.inf, dtype), s: zero, b: zero, c: zero}
-
-    def update(self, plan, st, z, t, keep, cols, is_y):
-        m, s, b, c = self.NAMES
-        x = self.x(plan, z, t)
-        new = {"ty": st["ty"] + jnp.sum(jnp.where(is_y, t, 0.0), axis=-1)}
-        new[m], new[s], (new[b], new[c]) = _online(
-            st[m], st[s], jnp.where(keep, x, -jnp.inf), [st[b], st[c]], [x, z])
-        return new
-
-    def combine(self, plan, st, axis):
-        m, s, b, c = self.NAMES
-        new = {"ty": jax.lax.psum(st["ty"], axis)}
-        new[m], (new[s], new[b], new[c]) = _combine_lse(st[m], [st[s], st[b], st[c]], axis)
-        return new
-
-    def saved_ndims(self, plan):
-        return {self.SAVED: 1}
-
-    def rank_key(self, plan, z, t):
-        return self.x(plan, z, t)
-
-
-class Teacher(_Softmax):
-    """pi = softmax(t): <pi, z> = ct / st, H(pi) = lse_t - bt / st, pi_y = e^(ty - lse_t)."""
-    NAMES, SAVED = ("mt", "st", "bt", "ct"), "lse_t"
-
-    def x(self, plan, z, t):
-        return t
-
-    def finish(self, plan, st, row):
-        lse_t = _lse(st["mt"], st["st"])
-        pi_y = jnp.where(row["in_range"], jnp.exp(st["ty"] - lse_t), 0.0)
-        return (row["lse"] - st["ct"] / st["st"], lse_t - st["bt"] / st["st"], pi_y,
-                {"lse_t": lse_t})
-
-    def pi(self, plan, saved, z, t, cols, p):
-        return jnp.exp(t - saved["lse_t"][:, None])
-
-
-class Guided(_Softmax):
-    """pi = softmax(u), u = (1 - eta) z + eta t: as Teacher over u (mu, su, bu, cu)."""
-    NAMES, SAVED = ("mu", "su", "bu", "cu"), "lse_u"
-
-    def x(self, plan, z, t):
-        eta = plan.spec.eta
-        return (1.0 - eta) * z + eta * t
-
-    def finish(self, plan, st, row):
-        eta = plan.spec.eta
-        lse_u = _lse(st["mu"], st["su"])
-        pi_y = jnp.exp((1.0 - eta) * row["zy"] + eta * st["ty"] - lse_u)
-        return (row["lse"] - st["cu"] / st["su"], lse_u - st["bu"] / st["su"],
-                jnp.where(row["in_range"], pi_y, 0.0), {"lse_u": lse_u})
-
-    def pi(self, plan, saved, z, t, cols, p):
-        return jnp.exp(self.x(plan, z, t) - saved["lse_u"][:, None])
-
-
-@dataclasses.dataclass(frozen=True)
-class TopK(Residual):
-    """pi = softmax of the k largest ranking keys of `base` (kv), at ids ki, with z there (kz)."""
-    base: Residual
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.base.needs_teacher
-
-    def init(self, plan, n, dtype):
-        k = plan.top_k
-        return {"kv": jnp.full((n, k), -jnp.inf, dtype),
-                "ki": jnp.full((n, k), plan.vocab, jnp.int32), "kz": jnp.zeros((n, k), dtype)}
-
-    def _keep_top(self, plan, kv, ki, kz):
-        kv, top = jax.lax.top_k(kv, plan.top_k)
-        return {"kv": kv, "ki": jnp.take_along_axis(ki, top, axis=-1),
-                "kz": jnp.take_along_axis(kz, top, axis=-1)}
-
-    def update(self, plan, st, z, t, keep, cols, is_y):
-        key = self.base.rank_key(plan, z, t)
-        return self._keep_top(
-            plan, jnp.concatenate([st["kv"], jnp.where(keep, key, -jnp.inf)], axis=-1),
-            jnp.concatenate([st["ki"], jnp.broadcast_to(cols, z.shape)], axis=-1),
-            jnp.concatenate([st["kz"], z], axis=-1))
-
-    def combine(self, plan, st, axis):
-        # Shard-major candidates: ties go to the lower vocabulary id, as lax.top_k's.
-        cat = {k: jax.lax.all_gather(st[k], axis, axis=1, tiled=True) for k in ("kv", "ki", "kz")}
-        return self._keep_top(plan, cat["kv"], cat["ki"], cat["kz"])
-
-    def finish(self, plan, st, row):
-        probs = jax.nn.softmax(st["kv"], axis=-1)
-        cross = -jnp.sum(probs * (st["kz"] - row["lse"][:, None]), axis=-1)
-        h_pi = -jnp.sum(xlogy(probs, probs), axis=-1)
-        pi_y = jnp.sum(jnp.where(st["ki"] == row["labels"][:, None], probs, 0.0), axis=-1)
-        return cross, h_pi, jnp.where(row["in_range"], pi_y, 0.0), {"probs": probs,
-                                                                     "ki": st["ki"]}
-
-    def saved_ndims(self, plan):
-        return {"probs": 2, "ki": 2}
-
-    def pi(self, plan, saved, z, t, cols, p):
-        pi = jnp.zeros_like(z)
-        for j in range(plan.top_k):
-            pi = pi + jnp.where(cols[None, :] == saved["ki"][:, j:j + 1],
-                                saved["probs"][:, j:j + 1], 0.0)
-        return pi
-
-
-# The residual kinds the blocked loss evaluates (RowPlan.kind -> its home).
-RESIDUALS: dict[str, Residual] = {"uniform": Uniform(), "student": Student(),
-                                  "teacher": Teacher(), "guided": Guided()}
-ROW_STAT_RESIDUALS = ("none",) + tuple(RESIDUALS)   # spec residuals; "none" uses uniform
-
-
 def init_stats(plan: RowPlan, n: int, dtype) -> dict[str, jax.Array]:
     """Empty statistics of n rows: running maxima -inf, sums 0 (see the legend)."""
     neg = jnp.full((n,), -jnp.inf, dtype)
     zero = jnp.zeros((n,), dtype)
     return {"m": neg, "s": zero, "a": zero, "zy": zero, "amax_v": neg,
             "amax_i": jnp.zeros((n,), jnp.int32), **plan.residual.init(plan, n, dtype)}
-
-
-def _online(m, s, x, sums, values):
-    """One block of an online logsumexp: (m, s, sums) after the block x [n, Vb] (-inf = skip).
-
-    sums[i] accumulates sum_v e^(x_v - m) values[i]_v; where e^(x - m) is 0 the product is 0
-    (a -inf teacher logit adds nothing instead of 0 * -inf = NaN).
-    """
-    m_new = jnp.maximum(m, jnp.max(x, axis=-1))
-    ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    alpha = jnp.exp(m - ref)
-    e = jnp.exp(x - ref[:, None])
-    s = s * alpha + jnp.sum(e, axis=-1)
-    sums = [acc * alpha + jnp.sum(jnp.where(e > 0, e * v, 0.0), axis=-1)
-            for acc, v in zip(sums, values)]
-    return m_new, s, sums
 
 
 def update_stats(plan: RowPlan, st, z, t, cols, colmask, index):
@@ -350,7 +135,7 @@ def update_stats(plan: RowPlan, st, z, t, cols, colmask, index):
     st = dict(st)
     keep = colmask[None, :]
     zm = jnp.where(keep, z, -jnp.inf)
-    st["m"], st["s"], (st["a"],) = _online(st["m"], st["s"], zm, [st["a"]], [z])
+    st["m"], st["s"], (st["a"],) = online_lse(st["m"], st["s"], zm, [st["a"]], [z])
     is_y = keep & (cols[None, :] == index[:, None])
     st["zy"] = st["zy"] + jnp.sum(jnp.where(is_y, z, 0.0), axis=-1)
     # argmax: first occurrence within the block, and only a strictly larger value replaces the
@@ -364,19 +149,12 @@ def update_stats(plan: RowPlan, st, z, t, cols, colmask, index):
     return st
 
 
-def _combine_lse(m, sums, axis):
-    m_all = jax.lax.pmax(m, axis)
-    ref = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-    alpha = jnp.exp(m - ref)
-    return m_all, [jax.lax.psum(x * alpha, axis) for x in sums]
-
-
 def combine_stats(plan: RowPlan, st, axis: Optional[str]):
     """Statistics of whole rows from per-shard statistics (vocabulary sharded over `axis`)."""
     if axis is None:
         return st
     st = dict(st)
-    st["m"], (st["s"], st["a"]) = _combine_lse(st["m"], [st["s"], st["a"]], axis)
+    st["m"], (st["s"], st["a"]) = combine_lse(st["m"], [st["s"], st["a"]], axis)
     st["zy"] = jax.lax.psum(st["zy"], axis)
     best = jax.lax.pmax(st["amax_v"], axis)
     big = jnp.iinfo(jnp.int32).max
@@ -384,10 +162,6 @@ def combine_stats(plan: RowPlan, st, axis: Optional[str]):
     st["amax_v"] = best
     st.update(plan.residual.combine(plan, st, axis))
     return st
-
-
-def _lse(m, s):
-    return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
 
 
 def finish(plan: RowPlan, st, labels, valid, weights):
@@ -403,7 +177,7 @@ def finish(plan: RowPlan, st, labels, valid, weights):
     """
     spec, vocab = plan.spec, plan.vocab
     dtype = st["s"].dtype
-    lse = _lse(st["m"], st["s"])
+    lse = lse_of(st["m"], st["s"])
     in_range = (labels >= 0) & (labels < vocab)
     # A supervised label outside [0, V) poisons the loss with NaN, as the unfused loss.
     zy = jnp.where(in_range, st["zy"], jnp.where(valid, jnp.nan, 0.0))
