@@ -64,9 +64,9 @@ class Residual:
         return {}
 
     def finish(self, plan: "RowPlan", st, row: dict) -> tuple:
-        """(<pi, z> - lse as the cross-entropy H(pi, p), H(pi), pi_y, saved rows) [n] each,
-        from whole-row statistics; `row` has lse, entropy, zy (NaN where an out-of-range label
-        counts), p_y, in_range [n]."""
+        """(H(pi, p) = lse - <pi, z>, H(pi), pi_y: [n] each; {saved rows}) from whole-row
+        statistics; `row` has lse, entropy, zy (NaN where an out-of-range label counts), p_y,
+        in_range, labels [n]."""
         raise NotImplementedError
 
     def saved_ndims(self, plan: "RowPlan") -> dict[str, int]:
