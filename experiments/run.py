@@ -345,9 +345,10 @@ def main(argv: list[str]) -> None:
             f.write(json.dumps(rec) + "\n")
 
     import jax
-    # Every run compiles the same step shapes: keep compiled programs across runs.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(exp.cache_dir, "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from qtarget_jax.train.compile_cache import enable_persistent_cache
+    # Runs of the same shapes share their jitted steps in this process (train/setup.py); the
+    # persistent cache keeps compiled programs across processes.
+    enable_persistent_cache()
     log({"event": "start", "config": dataclasses.asdict(exp), "devices": str(jax.devices()),
          "resumed": len(done)})
 
