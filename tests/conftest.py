@@ -11,6 +11,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are small: keep every one that takes a tenth of a second to compile (also
+# in the train.py subprocesses some tests start, which inherit this).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 
@@ -19,6 +22,3 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 from qtarget_jax.train.compile_cache import enable_persistent_cache  # noqa: E402
 
 enable_persistent_cache()
-# The tests' programs are small: keep every one that takes a tenth of a second to compile.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
-    os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")))

@@ -79,7 +79,7 @@ def run(loaded: LoadedConfig, probes: Optional[Probes] = None) -> dict[str, Any]
             if step_no == cfg.run.steps and evaluator.active:
                 if ev is None:  # not already evaluated at this last step
                     ev = evaluator(s.state, step_no)
-                    loop.writer.write(step_no, ev)
+                    evaluator.record(loop.writer, step_no, ev)
                 summary["eval_after"] = ev
         finally:
             loop.close()
@@ -96,12 +96,16 @@ def run(loaded: LoadedConfig, probes: Optional[Probes] = None) -> dict[str, Any]
 
 class Evaluation:
     """`evaluation(state, step) -> metrics`: held-out loss and diagnostics, greedy accuracy on
-    eval.problems when set, and the probes; `perf/eval_s` is its wall time."""
+    eval.problems when set, and the probes; `record(...)` adds its wall time (`perf/eval_s`)."""
 
     def __init__(self, s: Setup):
-        self.s = s
+        self.s, self.seconds = s, 0.0
         self.problems = _load_problems(s.cfg)
         self.active = bool(s.held_out or self.problems or s.probes)
+
+    def record(self, writer, step_no: int, metrics: dict) -> None:
+        """Logs `metrics` (this evaluation's) with `perf/eval_s`."""
+        writer.write(step_no, {**metrics, "perf/eval_s": self.seconds})
 
     def __call__(self, state, step_no: int) -> dict[str, float]:
         s, t0 = self.s, time.perf_counter()
@@ -112,7 +116,7 @@ class Evaluation:
         if s.probes is not None:
             model = nnx.merge(s.built.graphdef, state.params, state.rest)
             out.update({k: float(v) for k, v in s.probes(model, step_no).items()})
-        out["perf/eval_s"] = time.perf_counter() - t0
+        self.seconds = time.perf_counter() - t0
         return out
 
 
@@ -151,7 +155,7 @@ class StepLoop:
             if cfg.eval.every_steps and step_no % cfg.eval.every_steps == 0 and evaluator.active:
                 self.flush()  # evaluation reads this step's state: no extra wait
                 ev = evaluator(s.state, step_no)
-                self.writer.write(step_no, ev)
+                evaluator.record(self.writer, step_no, ev)
             if (step_no == cfg.run.steps or cfg.checkpoint.every_steps
                     and step_no % cfg.checkpoint.every_steps == 0):
                 self.save(step_no, ev)

@@ -117,6 +117,7 @@ def test_step_time_excludes_compilation_and_evaluation(tmp_path, synth_dataset,
     assert steps[1]["perf/compile_s"] == pytest.approx(summary["compile_s"])
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(r["perf/eval_s"] >= pause for r in evals)
+    assert "perf/eval_s" not in summary["eval_after"]  # the summary holds metrics only
     slowest = max(r["perf/step_s"] for r in steps.values())
     assert slowest < pause and slowest < steps[1]["perf/compile_s"], steps
     assert all("perf/compile_s" not in steps[s] for s in range(2, 7))
