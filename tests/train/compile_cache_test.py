@@ -60,3 +60,4 @@ def test_warm_and_corrupted_caches_give_the_cold_losses_bitwise(tmp_path, synth_
     corrupted = _train(tmp_path / "corrupted", cache, synth_dataset, char_tokenizer)
     assert len(cold) == 4
     assert warm == cold and corrupted == cold  # floats from JSON: bitwise equal
+

@@ -123,6 +123,19 @@ def test_step_time_excludes_compilation_and_evaluation(tmp_path, synth_dataset,
     assert all("perf/compile_s" not in steps[s] for s in range(2, 7))
 
 
+def test_truncate_records_keeps_steps_up_to_the_checkpoint(tmp_path):
+    from qtarget_jax.train.setup import truncate_records
+    path = tmp_path / "metrics.jsonl"
+    assert truncate_records(path, 3) is None  # no file: nothing to do
+    path.write_text("".join(f'{{"step": {s}, "loss": {s}.5}}\n' for s in (1, 2, 3, 4, 5))
+                    + '{"step": 3, "eval/loss": 1.0}\n{"step": 6, "lo')  # cut by a kill
+    assert truncate_records(path, 3) == 4
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.5}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 3.5},
+        {"step": 3, "eval/loss": 1.0}]
+    assert truncate_records(path, 0) == 0 and not path.exists()  # a fresh start
+
+
 def test_nan_loss_stops_naming_step_and_keeps_last_good(tmp_path, synth_dataset,
                                                          char_tokenizer):
     args = overrides(tmp_path, synth_dataset, char_tokenizer, "optim.lr=1e30",
