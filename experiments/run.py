@@ -3,15 +3,18 @@
     .venv/bin/python experiments/run.py --config experiments/regime.yaml   # docs/results.md
     .venv/bin/python experiments/report.py experiments/runs/regime
 
-Stage 0 (cached under `cache_dir`): the synthetic sets (JSONL, then tfds folders written by the
-data package's `prepare`), the base B0 = `base_source` after clean SFT on set A (one solution
-template, plus a second skill), the teacher T = B0 after further clean SFT, and B0's own answers
+Stage 0 (cached under `cache_dir`, each folder beside the config that made it in
+`made_by.json`; another config's folder is refused, see `claim`): the synthetic sets (JSONL,
+then tfds folders written by the data package's `prepare`), the base B0 = `base_source` after
+clean SFT on set A (one solution template, plus a second skill), the teacher T = B0 after further clean SFT, and B0's own answers
 to off-task prompts. Stage 1: every method x seed fine-tunes B0 for `stage1.epochs` epochs on
 set B (disjoint problems, other templates, a fraction corrupted).
 
-Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig` from
-`qtarget_jax.config.load_config(train_job, overrides)`: the data pipeline, step, optimizer and
-teacher handling are the library's. The per-epoch metrics are `probes` passed to the loop
+The experiment config is read by `qtarget_jax.config.load_dataclass` (dotted overrides,
+types, unknown keys). Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig`
+from `qtarget_jax.config.load_config(train_job, overrides)`: the data pipeline, step,
+optimizer and teacher handling are the library's; runs of the same shapes share one compiled
+step in this process. The per-epoch metrics are `probes` passed to the loop
 (`qtarget_jax.problems.probes`); accuracy and Average@k are `qtarget_jax.problems.solve`.
 
 Outputs (`out_dir`): `runs.jsonl` (one `model` line per stage-0 model, one `run` line per
@@ -30,7 +33,6 @@ import sys
 import time
 from typing import Literal
 
-import yaml
 
 from qtarget_jax.data import synthetic
 
