@@ -7,8 +7,9 @@ Stage 0 (cached under `cache_dir`, each folder beside the config that made it in
 `made_by.json`; another config's folder is refused, see `claim`): the synthetic sets (JSONL,
 then tfds folders written by the data package's `prepare`), the base B0 = `base_source` after
 clean SFT on set A (one solution template, plus a second skill), the teacher T = B0 after
-further clean SFT, and B0's own answers to off-task prompts. Stage 1: every method x seed fine-tunes B0 for `stage1.epochs` epochs on
-set B (disjoint problems, other templates, a fraction corrupted).
+further clean SFT, and B0's own answers to off-task prompts. Stage 1: every method x seed
+fine-tunes B0 for `stage1.epochs` epochs on set B (disjoint problems, other templates, a
+fraction corrupted).
 
 The experiment config is read by `qtarget_jax.config.load_dataclass` (dotted overrides,
 types, unknown keys). Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig`
