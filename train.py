@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from qtarget_jax.train.compile_cache import enable_persistent_cache
     from qtarget_jax.train.loop import run  # imports jax: after the config is known good
+    enable_persistent_cache()  # $QTARGET_JAX_COMPILE_CACHE or ~/.cache/qtarget_jax/jax
     summary = run(loaded)
     print(json.dumps({k: summary.get(k) for k in
                       ("start_step", "final_step", "stop_signal", "eval_before", "eval_after")}))

@@ -3,15 +3,19 @@
     .venv/bin/python experiments/run.py --config experiments/regime.yaml   # docs/results.md
     .venv/bin/python experiments/report.py experiments/runs/regime
 
-Stage 0 (cached under `cache_dir`): the synthetic sets (JSONL, then tfds folders written by the
-data package's `prepare`), the base B0 = `base_source` after clean SFT on set A (one solution
-template, plus a second skill), the teacher T = B0 after further clean SFT, and B0's own answers
-to off-task prompts. Stage 1: every method x seed fine-tunes B0 for `stage1.epochs` epochs on
-set B (disjoint problems, other templates, a fraction corrupted).
+Stage 0 (cached under `cache_dir`, each folder beside the config that made it in
+`made_by.json`; another config's folder is refused, see `claim`): the synthetic sets (JSONL,
+then tfds folders written by the data package's `prepare`), the base B0 = `base_source` after
+clean SFT on set A (one solution template, plus a second skill), the teacher T = B0 after
+further clean SFT, and B0's own answers to off-task prompts. Stage 1: every method x seed
+fine-tunes B0 for `stage1.epochs` epochs on set B (disjoint problems, other templates, a
+fraction corrupted).
 
-Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig` from
-`qtarget_jax.config.load_config(train_job, overrides)`: the data pipeline, step, optimizer and
-teacher handling are the library's. The per-epoch metrics are `probes` passed to the loop
+The experiment config is read by `qtarget_jax.config.load_dataclass` (dotted overrides,
+types, unknown keys). Every training run is `qtarget_jax.train.loop.run` on a `TrainConfig`
+from `qtarget_jax.config.load_config(train_job, overrides)`: the data pipeline, step,
+optimizer and teacher handling are the library's; runs of the same shapes share one compiled
+step in this process. The per-epoch metrics are `probes` passed to the loop
 (`qtarget_jax.problems.probes`); accuracy and Average@k are `qtarget_jax.problems.solve`.
 
 Outputs (`out_dir`): `runs.jsonl` (one `model` line per stage-0 model, one `run` line per
@@ -28,9 +32,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Literal
 
-import yaml
 
 from qtarget_jax.data import synthetic
 
@@ -64,7 +67,7 @@ class Stage:
 class Method:
     name: str
     target: dict
-    teacher: str = "none"      # none | T (the clean teacher) | B0 (the frozen base)
+    teacher: Literal["none", "T", "B0"] = "none"  # T: the clean teacher; B0: the frozen base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,53 +96,41 @@ class Experiment:
     methods: tuple[Method, ...] = ()
 
 
-def _build(cls, raw: Any, where: str):
-    """A frozen dataclass from a mapping; unknown keys are an error naming `where`."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    out = {}
-    for key, value in raw.items():
-        sub = {"data": DataSpec, "teacher": Stage, "stage1": Stage, "base": Stage,
-               "eval": EvalSpec}.get(key) if cls is Experiment else None
-        if sub is not None and value is not None:
-            value = _build(sub, value, f"{where}: {key}")
-        elif key == "methods":
-            value = tuple(_build(Method, m, f"{where}: methods[{i}]")
-                          for i, m in enumerate(value))
-        elif isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
-    try:
-        return cls(**out)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def load_experiment(path: str, overrides: list[str]) -> Experiment:
-    """The experiment YAML with top-level `key=value` overrides (YAML values) applied."""
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        raw[key] = yaml.safe_load(value)
-    exp = _build(Experiment, raw, path)
+    """The experiment YAML with dotted `key=value` overrides (`data.noise=0.2`), loaded and
+    checked by `qtarget_jax.config.load_dataclass` (unknown keys with a did-you-mean, types);
+    then each method's target and teacher must agree. Errors are ConfigError, one line."""
+    from qtarget_jax.config import ConfigError, load_dataclass
+    from qtarget_jax.targets import spec_from_dict
+    exp = load_dataclass(Experiment, path, tuple(overrides))
     if not exp.methods:
-        raise ValueError(f"{path}: no methods")
+        raise ConfigError(f"{path}: no methods")
+    names = [m.name for m in exp.methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: methods: a name is used twice in {names}")
     for m in exp.methods:
-        if m.teacher not in ("none", "T", "B0"):
-            raise ValueError(f"{path}: method {m.name}: teacher={m.teacher!r}, expected none, "
-                             "T or B0")
-        from qtarget_jax.targets import spec_from_dict
-        if spec_from_dict(m.target).needs_teacher != (m.teacher != "none"):
-            raise ValueError(f"{path}: method {m.name}: target {m.target} and teacher="
-                             f"{m.teacher!r} disagree on needing a teacher")
+        try:
+            needs = spec_from_dict(dict(m.target)).needs_teacher
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: method {m.name}: target={m.target!r}: {e}") from None
+        if needs != (m.teacher != "none"):
+            raise ConfigError(f"{path}: method {m.name}: target {m.target} and teacher="
+                              f"{m.teacher!r} disagree on needing a teacher")
     return exp
+
+
+def select_methods(exp: Experiment, only: str | None) -> list[Method]:
+    """The methods named in `--only` (comma-separated; None: all); an unknown name is a
+    ConfigError naming the closest method."""
+    from qtarget_jax.config import ConfigError, suggest
+    if only is None:
+        return list(exp.methods)
+    known = [m.name for m in exp.methods]
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    for name in wanted:
+        if name not in known:
+            raise ConfigError(f"--only {name!r}: no such method" + suggest(name, known))
+    return [m for m in exp.methods if m.name in wanted]
 
 
 # ----------------------------------------------------------------------------- data
@@ -216,13 +207,6 @@ def steps_per_epoch(n_rows: int, batch_size: int, where: str) -> int:
     return n_rows // batch_size
 
 
-def train_run(exp: Experiment, overrides: list[str], probes=None) -> dict:
-    """One `qtarget_jax.train` run: load_config(train_job, overrides) then loop.run."""
-    from qtarget_jax.config import load_config
-    from qtarget_jax.train.loop import run
-    return run(load_config(exp.train_job, tuple(overrides)), probes=probes)
-
-
 def batch_size_of(exp: Experiment, overrides: tuple[str, ...]) -> int:
     from qtarget_jax.config import load_config
     cfg = load_config(exp.train_job, tuple(overrides)).config
@@ -232,18 +216,81 @@ def batch_size_of(exp: Experiment, overrides: tuple[str, ...]) -> int:
     return cfg.data.batch_size
 
 
-def finetune(exp: Experiment, stage: Stage, source: str, data: str, n_rows: int, run_dir: str,
-             extra: list[str], probes=None) -> tuple[dict, int, int]:
-    """Fine-tunes `source` on the tfds folder `data` for `stage.epochs` epochs; returns (loop
-    summary, steps, steps per epoch)."""
+def stage_config(exp: Experiment, stage: Stage, source: str, data: str, n_rows: int,
+                 run_dir: str, extra: list[str]):
+    """(LoadedConfig, steps) of fine-tuning `source` on the tfds folder `data` for
+    `stage.epochs` epochs, evaluated (probes) once per epoch."""
+    from qtarget_jax.config import load_config
     spe = steps_per_epoch(n_rows, batch_size_of(exp, stage.overrides), run_dir)
     steps = stage.epochs * spe
-    summary = train_run(exp, [*stage.overrides, f"model.source={source}", f"data.path={data}",
-                              f"run.dir={run_dir}", f"run.steps={steps}",
-                              f"eval.every_steps={spe}", *extra], probes)
+    loaded = load_config(exp.train_job, (*stage.overrides, f"model.source={source}",
+                                         f"data.path={data}", f"run.dir={run_dir}",
+                                         f"run.steps={steps}", f"eval.every_steps={spe}",
+                                         *extra))
+    return loaded, steps
+
+
+def finetune(loaded, steps: int, probes=None) -> dict:
+    """`qtarget_jax.train.loop.run(loaded)`, which must reach `steps`; returns its summary."""
+    from qtarget_jax.train.loop import run
+    summary = run(loaded, probes=probes)
     if summary["final_step"] != steps:
-        raise RuntimeError(f"{run_dir}: stopped at step {summary['final_step']} of {steps}")
-    return summary, steps, spe
+        raise RuntimeError(f"{loaded.config.run.dir}: stopped at step {summary['final_step']} "
+                           f"of {steps}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- stage-0 caches
+
+STAMP = "made_by.json"  # beside each stage-0 product: the config that made it
+
+
+def made_by(loaded, **upstream) -> dict:
+    """The cache key of a stage-0 model: its resolved TrainConfig less the paths (run.dir,
+    data.path, model.source and teacher, which live under cache_dir), plus the keys of the
+    products those paths hold (`upstream`)."""
+    from qtarget_jax.config import to_dict
+    cfg = to_dict(loaded.config)
+    cfg["run"].pop("dir")
+    cfg["data"].pop("path")
+    for key in ("source", "teacher"):
+        cfg["model"].pop(key)
+    return json.loads(json.dumps({"train": cfg, **upstream}))
+
+
+def first_difference(old, new, where: str = "") -> str:
+    """The first dotted key at which two JSON-like values differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if old.get(k) != new.get(k):
+                return first_difference(old.get(k), new.get(k), f"{where}{k}.")
+    return f"{where.rstrip('.') or '<root>'}: {old!r} then, {new!r} now"
+
+
+def claim(folder: str, key: dict, done: str | None = None) -> bool:
+    """Whether `folder` holds a finished product (`done`, a path inside it) of the config
+    `key`. A folder made by another config, or by one not recorded, is a ConfigError in one
+    line (stale sets or models are never reused); an absent folder is created and stamped,
+    and False returned (make it)."""
+    from qtarget_jax.config import ConfigError
+    stamp = os.path.join(folder, STAMP)
+    if os.path.isdir(folder) and os.listdir(folder):
+        old = read_json(stamp) if os.path.isfile(stamp) else None
+        if old != key:
+            why = ("has no " + STAMP + " (made before caches were keyed)" if old is None
+                   else "was made by another config (" + first_difference(old, key) + ")")
+            raise ConfigError(f"{folder} {why}: delete it to remake it, or set another "
+                              "cache_dir")
+        return done is None or os.path.exists(os.path.join(folder, done))
+    os.makedirs(folder, exist_ok=True)
+    with open(stamp, "w", encoding="utf-8") as f:
+        json.dump(key, f, indent=1, sort_keys=True)
+    return False
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class Evaluator:
@@ -330,9 +377,15 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--only", default=None, help="comma-separated method names to run")
-    p.add_argument("overrides", nargs="*", help="top-level key=value (YAML values)")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted key=value, YAML values (data.noise=0.2, seeds=[0])")
     args = p.parse_args(argv)
-    exp = load_experiment(args.config, args.overrides)
+    from qtarget_jax.config import ConfigError
+    try:
+        exp = load_experiment(args.config, args.overrides)
+        methods = select_methods(exp, args.only)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     os.makedirs(exp.out_dir, exist_ok=True)
     runs_path = os.path.join(exp.out_dir, "runs.jsonl")
     start = time.perf_counter()
@@ -345,32 +398,44 @@ def main(argv: list[str]) -> None:
             f.write(json.dumps(rec) + "\n")
 
     import jax
-    # Every run compiles the same step shapes: keep compiled programs across runs.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(exp.cache_dir, "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from qtarget_jax.train.compile_cache import enable_persistent_cache
+    # Runs of the same shapes share their jitted steps in this process (train/setup.py); the
+    # persistent cache keeps compiled programs across processes.
+    enable_persistent_cache()
     log({"event": "start", "config": dataclasses.asdict(exp), "devices": str(jax.devices()),
          "resumed": len(done)})
 
-    # Stage 0: data, B0, T, B0's off-task answers (all cached under cache_dir).
-    paths = prepare_sets(exp.data, os.path.join(exp.cache_dir, "data"))
-    n = {k: len(read_jsonl(paths[k])) for k in ("a", "b", "teacher")}
-    b0_dir = exp.base_source
-    if exp.base is not None:
-        b0_dir = os.path.join(exp.cache_dir, "b0")
-        if not os.path.isfile(os.path.join(b0_dir, "hf", "config.json")):
-            t0 = time.perf_counter()
-            summary, steps, _ = finetune(exp, exp.base, exp.base_source, paths["tfds_a"],
+    # Stage 0: data, B0, T, B0's off-task answers, each cached under cache_dir beside the
+    # config that made it (`claim`): a changed config is refused, never served stale.
+    data_key = {"data": json.loads(json.dumps(dataclasses.asdict(exp.data)))}
+    data_dir = os.path.join(exp.cache_dir, "data")
+    try:
+        claim(data_dir, data_key)
+        paths = prepare_sets(exp.data, data_dir)
+        n = {k: len(read_jsonl(paths[k])) for k in ("a", "b", "teacher")}
+        b0_dir, b0_key = exp.base_source, {"source": exp.base_source}
+        stage0 = []
+        if exp.base is not None:
+            b0_dir = os.path.join(exp.cache_dir, "b0")
+            loaded, steps = stage_config(exp, exp.base, exp.base_source, paths["tfds_a"],
                                          n["a"], b0_dir, ["checkpoint.export_hf=true"])
-            log({"event": "stage0", "name": "B0", "steps": steps, "last": summary["last"],
+            b0_key = made_by(loaded, source=exp.base_source, data=data_key)
+            stage0.append(("B0", loaded, steps, b0_key))
+        uses_t = any(m.teacher == "T" for m in exp.methods)
+        t_dir = os.path.join(exp.cache_dir, "teacher")
+        if uses_t:
+            loaded, steps = stage_config(exp, exp.teacher, b0_dir, paths["tfds_teacher"],
+                                         n["teacher"], t_dir, ["checkpoint.export_hf=true"])
+            stage0.append(("T", loaded, steps, made_by(loaded, b0=b0_key, data=data_key)))
+        for name, loaded, steps, key in stage0:
+            if claim(loaded.config.run.dir, key, done=os.path.join("hf", "config.json")):
+                continue
+            t0 = time.perf_counter()  # a killed attempt restarts from step 1, records too
+            summary = finetune(loaded, steps)
+            log({"event": "stage0", "name": name, "steps": steps, "last": summary["last"],
                  "seconds": round(time.perf_counter() - t0, 1)})
-    uses_t = any(m.teacher == "T" for m in exp.methods)
-    t_dir = os.path.join(exp.cache_dir, "teacher")
-    if uses_t and not os.path.isfile(os.path.join(t_dir, "hf", "config.json")):
-        t0 = time.perf_counter()
-        summary, steps, _ = finetune(exp, exp.teacher, b0_dir, paths["tfds_teacher"],
-                                     n["teacher"], t_dir, ["checkpoint.export_hf=true"])
-        log({"event": "stage0", "name": "T", "steps": steps, "last": summary["last"],
-             "seconds": round(time.perf_counter() - t0, 1)})
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
 
     from qtarget_jax.evaluate import load_source
     from qtarget_jax.train.build import resolve_source
@@ -400,7 +465,6 @@ def main(argv: list[str]) -> None:
              "T": models["T"][key], "teacher_beats_b0": models["T"][key] > models["B0"][key]})
 
     # Stage 1: seeds outer, methods inner (a run cut short has every method at early seeds).
-    methods = [m for m in exp.methods if args.only is None or m.name in args.only.split(",")]
     spe = steps_per_epoch(n["b"], batch_size_of(exp, exp.stage1.overrides), "stage1")
     for seed in exp.seeds:
         for m in methods:
@@ -415,17 +479,19 @@ def main(argv: list[str]) -> None:
                                   models["B0"]["per_epoch"])
             teacher = {"none": "null", "B0": "null", "T": t_dir}[m.teacher]
             t0 = time.perf_counter()
-            summary, steps, _ = finetune(
+            loaded, steps = stage_config(
                 exp, exp.stage1, b0_dir, paths["tfds_b"], n["b"], run_dir,
                 [f"loss.target={json.dumps(m.target)}", f"model.teacher={teacher}",
-                 f"data.seed={seed}", f"run.seed={seed}", "checkpoint.every_steps=0"], probes)
+                 f"data.seed={seed}", f"run.seed={seed}", "checkpoint.every_steps=0"])
+            summary = finetune(loaded, steps, probes)
             seconds = time.perf_counter() - t0
             final = record[-1]
             log({"event": "run", "name": m.name, "seed": seed, "target": m.target,
                  "teacher": m.teacher, "steps": steps, "epochs": record,
                  **{k: v for k, v in final.items() if k not in ("epoch", "step")},
                  "train_loss_last": summary["last"].get("loss"),
-                 "compiles": summary["compiles"], "seconds": round(seconds, 1),
+                 "compiles": summary["compiles"], "compile_s": round(summary["compile_s"], 1),
+                 "seconds": round(seconds, 1),
                  "eval_s": round(final.get("final_eval_s", 0.0), 1)})
     log({"event": "done", "wall_s": round(time.perf_counter() - start, 1)})
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import types
 import typing
 from typing import Any, Literal, Optional
 
@@ -244,20 +245,41 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(key: str, options) -> str:
+def suggest(key: str, options) -> str:
+    """"; did you mean 'x'?" for the closest of `options`, else the list of valid ones."""
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {sorted(options)}"
 
 
-def _check_value(value: Any, tp: Any, where: str) -> Any:
-    """Returns `value` converted to `tp` (int -> float only) or raises ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
+def _optional(tp: Any) -> Any:
+    """`X` for `Optional[X]` / `X | None`, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_value(value, args[0], where)
-    if origin is Literal:
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
+def _tuple_item(tp: Any) -> Any:
+    """`X` for `tuple[X, ...]`, else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Returns `value` converted to `tp` (int -> float, list -> tuple[X, ...]) or raises
+    ConfigError."""
+    inner = _optional(tp)
+    if inner is not None:
+        return None if value is None else _check_value(value, inner, where)
+    item = _tuple_item(tp)
+    if item is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return tuple(_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -285,11 +307,27 @@ def _merge(base: dict, update: dict, cls, src: str, prov: dict, overridden: list
         if dotted in MOVED_KEYS:
             raise _moved(src, dotted)
         if key not in fields:
-            raise ConfigError(f"{src}: unknown key '{dotted}'" + _suggest(
+            raise ConfigError(f"{src}: unknown key '{dotted}'" + suggest(
                 dotted, [f"{prefix}{k}" for k in fields]))
         tp = types[key]
+        if _optional(tp) is not None and dataclasses.is_dataclass(_optional(tp)):
+            if value is None:  # an optional section switched off
+                _set_leaf(base, key, None, dotted, src, prov, overridden)
+                continue
+            tp = _optional(tp)
+            if base.get(key) is None:
+                base[key] = {}
         if dataclasses.is_dataclass(tp):
             _merge(base.setdefault(key, {}), value, tp, src, prov, overridden, dotted + ".")
+            continue
+        if dataclasses.is_dataclass(_tuple_item(tp)):  # a list of sections, replaced whole
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{src}: {dotted}={value!r}: expected a list of mappings")
+            items = []
+            for i, item in enumerate(value):
+                items.append({})
+                _merge(items[-1], item, _tuple_item(tp), src, {}, [], f"{dotted}[{i}].")
+            _set_leaf(base, key, items, dotted, src, prov, overridden)
             continue
         if tp is dict and isinstance(value, dict):
             if "preset" in value:  # a new preset starts from its own defaults
@@ -311,11 +349,23 @@ def _set_leaf(target: dict, key: str, value, dotted: str, src: str, prov: dict, 
     prov[dotted] = src
 
 
-def _build(cls, data: dict):
+def _build(cls, data: dict, where: str = ""):
+    """`cls` from merged (checked) data; a missing required field is a ConfigError."""
     kwargs = {}
     for name, tp in _field_types(cls).items():
-        if name in data:
-            kwargs[name] = _build(tp, data[name]) if dataclasses.is_dataclass(tp) else data[name]
+        if name not in data:
+            continue
+        value, section = data[name], _optional(tp) or tp
+        if dataclasses.is_dataclass(section) and value is not None:
+            value = _build(section, value, f"{where}{name}.")
+        elif dataclasses.is_dataclass(_tuple_item(tp)):
+            value = tuple(_build(_tuple_item(tp), v, f"{where}{name}[{i}].")
+                          for i, v in enumerate(value))
+        kwargs[name] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(where + m for m in missing)}")
     return cls(**kwargs)
 
 
@@ -365,7 +415,7 @@ def load_config(job: Optional[str | pathlib.Path] = None, overrides: tuple[str, 
     model_file = config_dir / "models" / f"{name}.yaml"
     if not model_file.is_file():
         known = [p.stem for p in (config_dir / "models").glob("*.yaml")]
-        raise ConfigError(f"model.name={name!r}: no {model_file}" + _suggest(name, known))
+        raise ConfigError(f"model.name={name!r}: no {model_file}" + suggest(name, known))
     layers.append((str(model_file), _read_yaml(model_file)))
     layers += job_layers
     merged: dict = {}
@@ -379,6 +429,22 @@ def load_config(job: Optional[str | pathlib.Path] = None, overrides: tuple[str, 
     except ConfigError as e:
         raise ConfigError(f"{' <- '.join(s for s, _ in layers)}: {e}") from None
     return LoadedConfig(cfg, tuple(s for s, _ in layers), tuple(overridden))
+
+
+def load_dataclass(cls, path: str | pathlib.Path, overrides: tuple[str, ...] = ()):
+    """A config of any frozen dataclass schema `cls` (e.g. experiments/run.py's `Experiment`)
+    from one YAML file and dotted `key=value` overrides, with the checks of `load_config`:
+    unknown keys (with a did-you-mean), value types, `X | None` sections (null switches one
+    off) and `tuple[Section, ...]` lists (replaced whole by a later source)."""
+    layers = [(str(path), _read_yaml(pathlib.Path(path)))]
+    layers += [(f"cli '{o}'", parse_override(o)) for o in overrides]
+    merged: dict = {}
+    for src, data in layers:
+        _merge(merged, data, cls, src, {}, [])
+    try:
+        return _build(cls, merged)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{' <- '.join(s for s, _ in layers)}: {e}") from None
 
 
 def check_target(cfg: TrainConfig) -> None:

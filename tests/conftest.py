@@ -1,4 +1,7 @@
-"""Test-wide JAX setup: 8 fake CPU devices for sharding tests, strict rank promotion.
+"""Test-wide JAX setup: 8 fake CPU devices for sharding tests, strict rank promotion, and the
+project's persistent compilation cache (train/compile_cache.py: $QTARGET_JAX_COMPILE_CACHE,
+default ~/.cache/qtarget_jax/jax; `off` disables it), so a second `make test` reads the many
+small programs it compiled the first time instead of compiling them again.
 
 The XLA flag must be set before jax initialises its backend, so it lives here, once.
 """
@@ -8,7 +11,14 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are small: keep every one that takes a tenth of a second to compile (also
+# in the train.py subprocesses some tests start, which inherit this).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from qtarget_jax.train.compile_cache import enable_persistent_cache  # noqa: E402
+
+enable_persistent_cache()

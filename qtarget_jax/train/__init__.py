@@ -4,7 +4,9 @@
     optim.py    clip -> AdamW/SGD with masked weight decay, warmup + cosine/linear schedules
     state.py    TrainState (step, params, opt_state, rng, teacher, rest) created sharded
     step.py     train_step(state, batch) -> (state, metrics), jitted once
-    loop.py     run(loaded_config): data, checkpoints, resume, signals, metrics
+    setup.py    what a run builds before its first step, in order, and resume
+    loop.py     run(loaded_config): the step loop, evaluation, checkpoints, timings
+    compile_cache.py  JAX's persistent cache folder; jitted steps reused across runs
     build.py    models, teacher, tokenizer, iterators, jax.distributed from the config
     metrics.py  JSONL / TensorBoard / curves, FLOPs and MFU
     signals.py  SIGTERM / SIGINT -> save and stop

@@ -63,20 +63,53 @@ def test_regime_config_is_the_papers_regime():
 
 
 def test_config_errors_name_the_key(tmp_path):
+    from qtarget_jax.config import ConfigError
     path = tmp_path / "x.yaml"
     path.write_text("out_dir: o\ncache_dir: c\ntrain_job: j\n"
                     "methods:\n  - {name: d, target: {preset: distill}}\n")
-    with pytest.raises(ValueError, match="method d: target .* and teacher='none' disagree"):
+    with pytest.raises(ConfigError, match="method d: target .* and teacher='none' disagree"):
         run.load_experiment(str(path), [])
-    with pytest.raises(ValueError, match=r"unknown keys \['stepz'\]"):
+    ok = ["methods=[{name: s, target: {preset: sft}}, {name: t, target: {preset: dft}}]"]
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz'"):
         run.load_experiment(str(path), ["stepz=3"])
-    with pytest.raises(ValueError, match=r"data: unknown keys \['n_trian'\]"):
-        run.load_experiment(str(path), ["data={n_trian: 3}"])
-    with pytest.raises(ValueError, match="'seeds' is not key=value"):
+    with pytest.raises(ConfigError, match=r"unknown key 'data.n_trian'; did you mean 'data.n_a"):
+        run.load_experiment(str(path), [*ok, "data.n_trian=3"])
+    with pytest.raises(ConfigError, match=r"data.noise='lots': expected float"):
+        run.load_experiment(str(path), [*ok, "data.noise=lots"])
+    with pytest.raises(ConfigError, match=r"'seeds': expected key=value"):
         run.load_experiment(str(path), ["seeds"])
-    with pytest.raises(ValueError, match="teacher='X', expected none, T or B0"):
+    with pytest.raises(ConfigError, match=r"methods\[0\].teacher='X': must be one of "
+                                          r"\['none', 'T', 'B0'\]"):
         run.load_experiment(str(path), ["methods=[{name: s, target: {preset: sft}, "
                                         "teacher: X}]"])
+    with pytest.raises(ConfigError, match=r"missing key\(s\) methods\[0\].name"):
+        run.load_experiment(str(path), ["methods=[{target: {preset: sft}}]"])
+    # Nested overrides reach any key, typed (int -> float), and tuples stay tuples.
+    exp = run.load_experiment(str(path), [*ok, "data.noise=1", "data.b_templates=[2]",
+                                          "base=null", "stage1.epochs=5"])
+    assert exp.data.noise == 1.0 and isinstance(exp.data.noise, float)
+    assert exp.data.b_templates == (2,) and exp.data.n_b == run.DataSpec().n_b
+    assert exp.base is None and exp.stage1 == run.Stage(epochs=5)
+    assert [m.name for m in run.select_methods(exp, "t")] == ["t"]
+    with pytest.raises(ConfigError, match=r"--only 'tt': no such method; did you mean 't'"):
+        run.select_methods(exp, "t,tt")
+
+
+def test_stage0_caches_are_keyed_by_the_config_that_made_them(tmp_path):
+    from qtarget_jax.config import ConfigError
+    folder = str(tmp_path / "b0")
+    key = {"train": {"optim": {"lr": 1e-4}}, "data": {"noise": 0.4}}
+    assert run.claim(folder, key, done="hf") is False            # absent: make it (stamped)
+    assert run.claim(folder, key, done="hf") is False            # stamped, not finished: redo
+    (tmp_path / "b0" / "hf").mkdir()
+    assert run.claim(folder, key, done="hf") is True             # finished: reuse
+    with pytest.raises(ConfigError, match=r"b0 was made by another config \(data.noise: 0.4 "
+                                          r"then, 0.2 now\): delete it"):
+        run.claim(folder, {**key, "data": {"noise": 0.2}}, done="hf")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "x").write_text("")
+    with pytest.raises(ConfigError, match="has no made_by.json"):
+        run.claim(str(tmp_path / "old"), key)
     with pytest.raises(ValueError, match="do not fill batches of 4"):
         run.steps_per_epoch(10, 4, "runs/x")
 
@@ -210,3 +243,8 @@ def test_experiment_end_to_end_resumes_and_reports(tmp_path, tiny_folder):
     assert sft["curves"]["kl_ref"]["mean"][1] == pytest.approx(
         np.mean([e["epochs"][1]["kl_ref"] for e in runs if e["name"] == "sft"]))
     assert (out / "curves.png").stat().st_size > 1000
+
+    # A changed data spec is refused in one line, not trained on stale sets and models.
+    with pytest.raises(SystemExit, match=r"data was made by another config \(data.noise: 0.5 "
+                                         r"then, 0.25 now\)"):
+        run.main(["--config", str(path), "data.noise=0.25"])

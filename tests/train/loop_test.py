@@ -34,12 +34,13 @@ def run_tiny(*args):
 
 
 def losses(run_dir) -> dict[int, float]:
-    """step -> loss; a resumed run appends, the last record of a step wins."""
-    out = {}
-    for rec in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl"):
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    """step -> loss, checking that each step is logged once, in order (a resumed run's
+    metrics.jsonl is cut back to its checkpoint; a restarted one starts afresh)."""
+    steps = [rec["step"] for rec in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl")
+             if "loss" in rec]
+    assert steps == sorted(set(steps)), steps
+    return {rec["step"]: rec["loss"]
+            for rec in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl") if "loss" in rec}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,59 @@ def test_resume_equals_uninterrupted(tmp_path, uninterrupted, synth_dataset, cha
     assert second["start_step"] == 6
     want, got = losses(uninterrupted[0]), losses(tmp_path)
     np.testing.assert_array_equal([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)])
+
+
+def test_second_run_of_the_same_shapes_reuses_the_compiled_step(tmp_path, uninterrupted,
+                                                                 synth_dataset, char_tokenizer):
+    """In one process, a run whose step has the same constants reuses the jitted step (no new
+    compilation) and gives bitwise the same losses; another learning rate compiles its own."""
+    same = run_tiny(*overrides(tmp_path / "same", synth_dataset, char_tokenizer))
+    assert same["compiles"] == 0 and same["compile_s"] == 0.0
+    want, got = losses(uninterrupted[0]), losses(tmp_path / "same")
+    np.testing.assert_array_equal([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)])
+    other = run_tiny(*overrides(tmp_path / "other", synth_dataset, char_tokenizer,
+                                "optim.lr=5e-3", "run.steps=3"))
+    assert other["compiles"] == 1 and other["compile_s"] > 0
+    assert losses(tmp_path / "other")[3] != want[3]
+
+
+def test_step_time_excludes_compilation_and_evaluation(tmp_path, synth_dataset,
+                                                      char_tokenizer):
+    """perf/step_s is the step alone: compilation is perf/compile_s (first step), and the time
+    of an evaluation (here probes that sleep) is its perf/eval_s, in no step's time."""
+    pause = 1.5
+
+    def slow_probes(model, step):
+        time.sleep(pause)
+        return {"probe/step": float(step)}
+
+    summary = loop.run(load_config(JOB, overrides(
+        tmp_path, synth_dataset, char_tokenizer, "run.steps=6", "eval.every_steps=2",
+        "optim.lr=2e-3", "checkpoint.every_steps=0")), probes=slow_probes)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    steps = {r["step"]: r for r in recs if "loss" in r}
+    evals = [r for r in recs if "probe/step" in r]
+    assert summary["compiles"] == 1 and "perf/compile_s" in steps[1]
+    assert steps[1]["perf/compile_s"] == pytest.approx(summary["compile_s"])
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(r["perf/eval_s"] >= pause for r in evals)
+    assert "perf/eval_s" not in summary["eval_after"]  # the summary holds metrics only
+    slowest = max(r["perf/step_s"] for r in steps.values())
+    assert slowest < pause and slowest < steps[1]["perf/compile_s"], steps
+    assert all("perf/compile_s" not in steps[s] for s in range(2, 7))
+
+
+def test_truncate_records_keeps_steps_up_to_the_checkpoint(tmp_path):
+    from qtarget_jax.train.setup import truncate_records
+    path = tmp_path / "metrics.jsonl"
+    assert truncate_records(path, 3) is None  # no file: nothing to do
+    path.write_text("".join(f'{{"step": {s}, "loss": {s}.5}}\n' for s in (1, 2, 3, 4, 5))
+                    + '{"step": 3, "eval/loss": 1.0}\n{"step": 6, "lo')  # cut by a kill
+    assert truncate_records(path, 3) == 4
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.5}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 3.5},
+        {"step": 3, "eval/loss": 1.0}]
+    assert truncate_records(path, 0) == 0 and not path.exists()  # a fresh start
 
 
 def test_nan_loss_stops_naming_step_and_keeps_last_good(tmp_path, synth_dataset,
@@ -136,9 +190,29 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, uninterrupte
     proc.wait()
     latest = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2).latest_step()
     assert latest is not None and 3 <= latest < 12, latest
+    killed = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     summary = run_tiny(*overrides(tmp_path, synth_dataset, char_tokenizer))
     assert summary["start_step"] == latest
+    want, got = losses(uninterrupted[0]), losses(tmp_path)  # each step once
+    assert max(killed) >= 8 and sorted(got) == list(range(1, 13)), (killed, sorted(got))
+    np.testing.assert_array_equal([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)])
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_run_without_checkpoints_then_rerun_logs_each_step_once(
+        tmp_path, uninterrupted, synth_dataset, char_tokenizer):
+    """A killed run that cannot resume (checkpoint.every_steps=0, as the experiment's stages)
+    starts over, and so do its records: the killed attempt's steps are not kept."""
+    proc = _spawn(tmp_path, synth_dataset, char_tokenizer, "checkpoint.every_steps=0",
+                  "run.steps=500", "logging.plot=false")
+    _wait_for_lines(tmp_path / "metrics.jsonl", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    summary = run_tiny(*overrides(tmp_path, synth_dataset, char_tokenizer,
+                                  "checkpoint.every_steps=0"))
+    assert summary["start_step"] == 0
     want, got = losses(uninterrupted[0]), losses(tmp_path)
+    assert sorted(got) == list(range(1, 13))
     np.testing.assert_array_equal([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)])
 
 
