@@ -88,6 +88,12 @@ def test_a_job_too_large_for_v5e_is_refused_in_one_line(capsys):
     assert needed > 16 and "Traceback" not in out
 
 
+def test_without_libtpu_the_command_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setattr(plan, "libtpu_missing", lambda: True)
+    rc, out = _plan(capsys, "--topology", "v5p:2x2x1")
+    assert rc == 2 and out.strip().splitlines() == [plan.INSTALL] and ".[tpu]" in out
+
+
 def test_resource_exhausted_becomes_the_same_line():
     e = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
                      "in memory space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity.")
