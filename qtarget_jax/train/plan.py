@@ -142,7 +142,7 @@ def model_flops(cfg, student, teacher) -> float:
 def estimate(compiled, model_flops_chip: float, tokens_chip: float, peak: float) -> dict:
     """Compiled FLOPs and the cost model's step time, tokens/s and MFU per chip, checked.
 
-    Returns {"cost_flops", "compiled_flops", "loops"} plus either {"step_s", "tokens_per_s",
+    Returns {"cost_flops", "compiled_flops", "loops", "collectives"} plus either {"step_s", "tokens_per_s",
     "mfu"} or {"no_estimate": reason}.
     """
     from qtarget_jax.train.hlo_stats import hlo_stats
@@ -248,8 +248,9 @@ def report(name: str, where: str, cfg, step, est: Optional[dict], chip: str,
     lines += ["flops per chip per step:",
               f"  model: {model_flops_chip:.4g} (student 6N + attention, teacher forward 2N_T "
               f"+ attention)",
-              f"  compiled: {est['compiled_flops']:.4g} ({est['compiled_flops'] / model_flops_chip:.2f}x "
-              f"model: recompute and the loss; loops {list(est['loops'])} counted)",
+              f"  compiled: {est['compiled_flops']:.4g} "
+              f"({est['compiled_flops'] / model_flops_chip:.2f}x model: recompute and the loss; "
+              f"loops {list(est['loops'])} counted)",
               f"  cost_analysis: {est['cost_flops']:.4g} (the compiler's count: loop bodies once)",
               "collectives per chip per step (count, GiB):"]
     for op, (n, b) in est["collectives"].items():
