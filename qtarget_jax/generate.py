@@ -176,8 +176,8 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     else:                                                   # row i*R + r: temperatures[r]
         temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b)
     if reps > 1:                                            # rows i*R + r share prompt i
-        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 1),
-                                    v=_repeat_rows(cache.v, reps, 1),
+        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 0),
+                                    v=_repeat_rows(cache.v, reps, 0),
                                     segment_ids=_repeat_rows(cache.segment_ids, reps, 0))
         logits, next_pos = _repeat_rows((logits, next_pos), reps, 0)
         b = b * reps
