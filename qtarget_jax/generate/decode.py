@@ -171,12 +171,26 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     return out, length
 
 
+def check_context(name: str, prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raises ValueError naming the prompt when its tokens + max_new_tokens exceed the context."""
+    if prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"generate: {name}: prompt has {prompt_tokens} tokens + max_new_tokens "
+                         f"{max_new_tokens} > context length {context}")
+
+
+def prompt_width(longest: int, config: SamplingConfig, context: int) -> int:
+    """The left-padded prompt width: `longest` rounded up to config.pad_multiple, within the
+    context left after max_new_tokens."""
+    width = -(-longest // config.pad_multiple) * config.pad_multiple
+    return min(width, context - config.max_new_tokens)
+
+
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stops if s and s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def _eos_ids(tokenizer: Any, eos_ids: Sequence[int] | None) -> tuple[int, ...]:
+def eos_ids_of(tokenizer: Any, eos_ids: Sequence[int] | None) -> tuple[int, ...]:
     if eos_ids is not None:
         ids = tuple(int(i) for i in eos_ids)
     else:
@@ -246,13 +260,11 @@ def generate_many(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     if len(names) != len(prompts):
         raise ValueError(f"generate: {len(names)} names for {len(prompts)} prompts")
     context = max_len or model.cfg.max_position_embeddings
-    eos = _eos_ids(tokenizer, eos_ids)
+    eos = eos_ids_of(tokenizer, eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     for name, row in zip(names, ids):
-        if len(row) + first.max_new_tokens > context:
-            raise ValueError(f"generate: {name}: prompt has {len(row)} tokens + max_new_tokens "
-                             f"{first.max_new_tokens} > context length {context}")
+        check_context(name, len(row), first.max_new_tokens, context)
     temperatures = tuple(float(c.temperature) for c in configs)
     reps = len(configs)
     bsz = batch_size or len(ids)
@@ -261,10 +273,7 @@ def generate_many(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     for start in range(0, len(ids), bsz):
         chunk = ids[start:start + bsz]
         rows = chunk + [chunk[0]] * (bsz - len(chunk))
-        longest = max(len(r) for r in rows)
-        width = -(-longest // first.pad_multiple) * first.pad_multiple
-        width = min(width, context - first.max_new_tokens)
-        arrays = left_pad(rows, pad_id, width)
+        arrays = left_pad(rows, pad_id, prompt_width(max(len(r) for r in rows), first, context))
         if mesh is not None:
             sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
             arrays = tuple(jax.device_put(a, sharding) for a in arrays)
