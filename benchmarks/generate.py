@@ -34,16 +34,9 @@ import time
 
 import numpy as np
 
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
-def _hf_folder() -> str:
-    from qtarget_jax.models.gguf_io import default_model_path
-    from qtarget_jax.models.loading import cached_hf_folder
-    return cached_hf_folder(default_model_path())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402  (the same child protocol and matmul timing)
+from train_step import Child as _Child, _hf_folder, _loadavg  # noqa: E402
 
 
 def prompts(n: int) -> tuple[list, list[list[int]]]:
@@ -112,31 +105,11 @@ def setup_torch(messages, ids, samples: int, new_tokens: int):
     return run, eos
 
 
-def matmul_rates(impl: str, rows: int, dims: dict, reps: int = 5) -> dict[str, float]:
-    """GFLOP/s of the decode step's matmuls alone: [rows, D] x [D, F], [rows, F] x [F, D] and
-    the head [rows, D] x [D, V] (median of `reps`)."""
-    if impl == "jax":
-        import jax
-        import jax.numpy as jnp
-        mm = jax.jit(jnp.matmul)
-        as_array, product = jnp.asarray, lambda a, b: mm(a, b).block_until_ready()
-    else:
-        import torch
-        as_array, product = torch.from_numpy, lambda a, b: a @ b
-    rng = np.random.default_rng(0)
-    d, f, v = dims["hidden"], dims["ffn"], dims["vocab"]
-    rates = {}
-    for m, k, n in ((rows, d, f), (rows, f, d), (rows, d, v)):
-        a = as_array(rng.standard_normal((m, k), dtype=np.float32))
-        b = as_array(rng.standard_normal((k, n), dtype=np.float32))
-        product(a, b)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            product(a, b)
-            times.append(time.perf_counter() - t0)
-        rates[f"{m}x{k}x{n}"] = 2.0 * m * k * n / float(np.median(times)) / 1e9
-    return rates
+def matmul_rates(impl: str, rows: int, dims: dict) -> dict[str, float]:
+    """GFLOP/s of train_step's matmul shapes alone with N = rows tokens (a decode step's
+    [rows, D] x [D, F], [rows, F] x [F, D], the head [rows, D] x [D, V], and their transposes)."""
+    train_step.B, train_step.T = rows, 1
+    return train_step.matmul_rates(impl, dims)
 
 
 def child(impl: str, ids_path: str, samples: int, new_tokens: int) -> None:
@@ -170,7 +143,9 @@ def child(impl: str, ids_path: str, samples: int, new_tokens: int) -> None:
             line.split(maxsplit=2)[2]))})
 
 
-class Child:
+class Child(_Child):
+    """One side's subprocess, with train_step.Child's pipe protocol (read, send)."""
+
     def __init__(self, impl: str, args, ids_path: str, env):
         self.impl = impl
         self.proc = subprocess.Popen(
@@ -179,21 +154,6 @@ class Child:
              "--cpus", ",".join(map(str, args.cpus))],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
-
-    def read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                raise RuntimeError(f"{self.impl} exited ({self.proc.returncode}):\n"
-                                   f"{self.proc.stderr.read()[-4000:]}")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def send(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.read()
 
 
 def flops_per_token(dims: dict, context: float) -> float:
