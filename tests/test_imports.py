@@ -4,7 +4,9 @@ Every `import` in qtarget_jax/**/*.py is read with `ast` (at module top AND insi
 where an import can hide a cycle until it runs) and mapped to the part it belongs to: a
 subpackage (train, evaluate, models, targets, data, problems) or a top-level module (config,
 checkpoint, generate, lens). The graph of parts must have no cycle; a cycle is named with the
-file:line of each import on it.
+file:line of each import on it. A part's `__main__.py` is skipped: it is the program run by
+`python -m`, after its package is imported, and nothing imports it, so its imports (the chat
+CLI loads run folders through `evaluate`) cannot close a cycle.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def part_edges(root: pathlib.Path) -> dict[tuple[str, str], list[str]]:
     """{(importing part, imported part): ["file:line", ...]} over every import in `root`."""
     edges: dict[tuple[str, str], list[str]] = {}
     for path in sorted(root.rglob("*.py")):
+        if path.name == "__main__.py":      # an entry point: imported by nothing
+            continue
         module, is_init = _module_name(root, path)
         source = _part(root, module)
         if source is None:
