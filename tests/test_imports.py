@@ -6,7 +6,10 @@ named with the file:line of each import on it:
 - modules: each .py file is a node (a package's __init__.py is the package); `from a import b`
   is an edge to module a.b when that is a module, else to a;
 - parts: each import mapped to the part it belongs to, a subpackage (train, evaluate, models,
-  targets, data, problems) or a top-level module (config, checkpoint, generate, lens).
+  targets, data, problems) or a top-level module (config, checkpoint, generate, lens). A part's
+  `__main__.py` is skipped there: it is the program run by `python -m`, after its package is
+  imported, and nothing imports it, so its imports (the chat CLI loads run folders through
+  `evaluate`) cannot close a cycle of parts.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ def part_edges(root: pathlib.Path) -> dict[tuple[str, str], list[str]]:
     """{(importing part, imported part): ["file:line", ...]} over every import in `root`."""
     edges: dict[tuple[str, str], list[str]] = {}
     for path in sorted(root.rglob("*.py")):
+        if path.name == "__main__.py":      # an entry point: imported by nothing
+            continue
         module, is_init = _module_name(root, path)
         source = _part(root, module)
         if source is None:

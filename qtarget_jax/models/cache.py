@@ -2,6 +2,13 @@
 
 Slots [0, S) per row; all rows write the same slots at each call (left-pad prompts so they end
 together), and `segment_ids` marks which slots hold real tokens (0 = empty or padding).
+
+Layout, chosen for a decode step on CPU (docs/performance.md, decode): one array per layer, not
+one [L, ...] array, and head-major [B, K, S, Dh]. Each layer writes its new keys into its own
+array and then attends over that same array, so inside a `lax.while_loop` XLA updates the cache
+in place and the attention reads each head's slots as one contiguous block: no per-step copy of
+the cache (a stacked [L, B, S, K, Dh] cache was copied whole twice per step, plus a transpose
+and a slice per layer: 3/4 of a 200-row step of SmolLM2).
 """
 from __future__ import annotations
 
@@ -18,15 +25,15 @@ from qtarget_jax.models.config import ModelConfig
 class KVCache:
     """Keys/values of every layer plus the slot bookkeeping shared by all layers."""
 
-    k: jax.Array            # [L, B, S, K, Dh] keys after RoPE (and q/k norm)
-    v: jax.Array            # [L, B, S, K, Dh] values
+    k: tuple[jax.Array, ...]  # L arrays [B, K, S, Dh]: keys after RoPE (and q/k norm)
+    v: tuple[jax.Array, ...]  # L arrays [B, K, S, Dh]: values
     segment_ids: jax.Array  # [B, S] int32, segment of the token in each slot; 0 = empty/padding
     index: jax.Array        # int32[], next slot to write
 
     @property
     def max_len(self) -> int:
         """S, the number of slots."""
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int,
@@ -34,8 +41,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int,
     """An empty cache for `batch` rows and `max_len` slots, storing k/v in `dtype`."""
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch ({batch}) and max_len ({max_len}) must be > 0")
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+    return KVCache(k=zeros(), v=zeros(),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 

@@ -129,42 +129,37 @@ class Decoder(nnx.Module):
         sin, cos = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                           cfg.rope_scaling))
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        # Among this call's tokens (slot offsets cancel: they all sit at cache.index + i).
-        mask = attention_mask(q_index, segment_ids, q_index, segment_ids, cfg.sliding_window)
-        cache_mask = None
-        if cache is not None:
-            if cache.k.shape[:2] != (cfg.num_layers, b):
-                raise ValueError(f"Decoder: cache k shape {cache.k.shape} does not match "
-                                 f"num_layers {cfg.num_layers} and batch {b}")
+        kv = None
+        if cache is None:      # among this call's tokens: [B, T, T]
+            mask = attention_mask(q_index, segment_ids, q_index, segment_ids, cfg.sliding_window)
+        else:                  # over the cache slots once this call's tokens are in: [B, T, S]
+            if len(cache.k) != cfg.num_layers or cache.k[0].shape[0] != b:
+                raise ValueError(f"Decoder: cache has {len(cache.k)} layers of batch "
+                                 f"{cache.k[0].shape[0]}; the model has num_layers "
+                                 f"{cfg.num_layers} and the batch is {b}")
             check_fits(cache, t)
-            # The slots written by earlier calls (empty slots have segment 0: never attended).
+            zero = jnp.zeros((), jnp.int32)              # int32 under JAX_ENABLE_X64 too
+            at = cache.index.astype(jnp.int32)
+            segments = jax.lax.dynamic_update_slice(cache.segment_ids,
+                                                    segment_ids.astype(jnp.int32), (zero, at))
             k_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                        (b, cache.max_len))
             # The barrier keeps XLA from constant-folding the attention over a cache made
             # inside the same jit (all-empty: a slow fold of [B, K, G, T, S] at compile time).
-            cache_segments = jax.lax.optimization_barrier(cache.segment_ids)
-            cache_mask = attention_mask(q_index + cache.index, segment_ids, k_index,
-                                        cache_segments, cfg.sliding_window)
+            mask = attention_mask(q_index + at, segment_ids, k_index,
+                                  jax.lax.optimization_barrier(segments), cfg.sliding_window)
+            kv = (cache.k, cache.v, at)
         x = self.embedder(tokens).astype(cfg.compute_dtype)
-        kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
-            x, new_kv = self._scan_layers(x, sin, cos, mask, kv, cache_mask)
+            x, new_kv = self._scan_layers(x, sin, cos, mask, kv)
         else:
-            x, new_kv = self._loop_layers(x, sin, cos, mask, kv, cache_mask)
+            x, new_kv = self._loop_layers(x, sin, cos, mask, kv)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)
         if cache is None:
             return out
-        # One write of this call's keys/values [L, B, T, K, Dh] for all layers: in place when
-        # the cache is a loop carry, so a decode step never copies the whole cache.
-        zero = jnp.zeros((), jnp.int32)                  # int32 under JAX_ENABLE_X64 too
-        at = cache.index.astype(jnp.int32)
-        return out, KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], (zero, zero, at, zero, zero)),
-            v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], (zero, zero, at, zero, zero)),
-            segment_ids=jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_ids.astype(jnp.int32), (zero, at)),
-            index=cache.index + t)
+        return out, KVCache(k=new_kv[0], v=new_kv[1], segment_ids=segments,
+                            index=cache.index + t)
 
     def _block_fn(self):
         """Block application, rematerialised per layer when cfg.remat_policy != "none"."""
@@ -175,29 +170,35 @@ class Decoder(nnx.Module):
             return apply
         return nnx.remat(apply, policy=_REMAT_POLICIES[self.cfg.remat_policy])
 
-    def _loop_layers(self, x, sin, cos, mask, kv, cache_mask):
-        """Unrolled layers. x [B, T, D]; mask [B, T, T]; kv None or the cache's (k, v)
-        [L, B, S, K, Dh] with cache_mask [B, T, S] -> (x, this call's (k, v) [L, B, T, K, Dh])."""
+    def _loop_layers(self, x, sin, cos, mask, kv):
+        """Unrolled layers. x [B, T, D]; mask [B, T, T], or [B, T, S] with kv = the cache's
+        (k, v) (L arrays [B, K, S, Dh] each) and its write slot -> (x, the updated (k, v))."""
         apply = self._block_fn()
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i], cache_mask)
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i], kv[2])
             x, out_kv = apply(block, x, sin, cos, mask, layer_kv)
             if out_kv is not None:
                 new_k.append(out_kv[0])
                 new_v.append(out_kv[1])
         if kv is None:
             return x, None
-        return x, (jnp.stack(new_k), jnp.stack(new_v))
+        return x, (tuple(new_k), tuple(new_v))
 
-    def _scan_layers(self, x, sin, cos, mask, kv, cache_mask):
-        """nnx.scan over the stacked layers; same arguments and results as _loop_layers."""
+    def _scan_layers(self, x, sin, cos, mask, kv):
+        """nnx.scan over the stacked layers; same arguments and results as _loop_layers (the
+        cache is stacked to [L, ...] for the scan and split back: a copy per call)."""
         apply = self._block_fn()
+        at = None if kv is None else kv[2]
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def body(x, block, layer_kv):
-            full_kv = None if layer_kv is None else (*layer_kv, cache_mask)
+            full_kv = None if layer_kv is None else (*layer_kv, at)
             return apply(block, x, sin, cos, mask, full_kv)
 
-        return body(x, self.layers, kv)
+        stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
+        x, new_kv = body(x, self.layers, stacked)
+        if kv is None:
+            return x, None
+        return x, tuple(tuple(jnp.unstack(a)) for a in new_kv)

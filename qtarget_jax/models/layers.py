@@ -181,13 +181,13 @@ class Attention(nnx.Module):
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] (compute dtype); sin, cos [B, T, Dh/2]; mask [B, T, T] bool among this
-        call's tokens.
+        call's tokens (without kv).
 
-        kv: None, or (k_cache [B, S, K, Dh], v_cache [B, S, K, Dh], cache_mask [B, T, S] bool):
-        the queries also attend to the cache slots that cache_mask allows. The cache is only
-        read here: the caller writes this call's keys/values (returned) into it once for all
-        layers, so a decode step never copies the cache.
-        Returns (y [B, T, D], this call's (k, v) [B, T, K, Dh] in the cache dtype, or None).
+        kv: None, or (k_cache [B, K, S, Dh], v_cache [B, K, S, Dh], index int32[]): this call's
+        keys/values are written into the cache at slots [index, index + T) first, then the
+        queries attend over the whole cache where `mask_BTT` (then [B, T, S]) allows: written
+        then read, so a cache carried through a decode loop is updated in place.
+        Returns (y [B, T, D], the updated (k_cache, v_cache), or None).
         """
         q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
         k = self._project(x_BTD, self.k_proj, self.k_bias if self.use_bias else None)
@@ -207,17 +207,16 @@ class Attention(nnx.Module):
         q_BKGTH = q.transpose(0, 2, 1, 3).reshape(b, kh, g, t, dh)
         k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         new_kv = None
-        # (keys, values, mask, key layout): this call's keys are [B, K, T, Dh]; cache keys stay
-        # [B, S, K, Dh] as stored (a decode step never copies the cache into another layout).
         parts = [(k_BKTH, v_BKTH, mask_BTT, "bksh")]
         if kv is not None:
-            k_cache, v_cache, cache_mask = kv
-            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-            # This call's keys as a later step will read them back (cache dtype round trip).
+            k_cache, v_cache, at = kv
+            zero = jnp.zeros((), jnp.int32)
+            new_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype),
+                                                        (zero, zero, at, zero))
+                           for c, new in ((k_cache, k_BKTH), (v_cache, v_BKTH)))
+            # Read back in the cache dtype, as a later step will read these keys.
             cd = self.compute_dtype
-            parts = [(k_cache.astype(cd), v_cache.astype(cd), cache_mask, "bskh"),
-                     (new_kv[0].astype(cd).transpose(0, 2, 1, 3),
-                      new_kv[1].astype(cd).transpose(0, 2, 1, 3), mask_BTT, "bksh")]
+            parts = [(new_kv[0].astype(cd), new_kv[1].astype(cd), mask_BTT, "bksh")]
         layouts = tuple(lay for *_, lay in parts)
         out = jax.checkpoint(functools.partial(_attend, layouts=layouts,
                                                dtype=self.compute_dtype))(

@@ -10,11 +10,15 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
 (segment id 0 in pad slots) and runs one jitted forward per batch, the same jitted function
-for every probe (one compile per batch shape), which applies the LM head only at the positions
-the probe reads (never [B, T, V] logits); a small jitted reduction turns those logits into the
+for every probe, which applies the LM head only at the positions the probe reads (never
+[B, T, V] logits); a small jitted reduction turns those logits into the
 metric on the device, so only small arrays come back to the host (the [N, V] reference
-log-probabilities of `reference_logprobs` excepted). Repeated calls with the same shapes do not
-retrace.
+log-probabilities of `reference_logprobs` excepted).
+
+Cost: one compile per probe and batch size. Each call pads all its batches to one width W and
+one count K of read positions (the largest of the call), so repeated calls with the same sets
+never retrace. A row stops at the last position the probe reads (the forward is causal, so
+the tokens after it cannot change the logits read): memorisation reads one position per row.
 """
 from __future__ import annotations
 
@@ -246,9 +250,10 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
         if not answer:
             raise ValueError(f"answer_token_accuracy: example {ex.id!r}: reference has no answer "
                              f"tokens (no '= N' step result or '#### N' in {text!r:.120})")
-        label = np.full(len(ids) - 1, -1, np.int32)           # label[t] = ids[t + 1] at answers
+        end = answer[-1]                                      # no label after the last answer
+        label = np.full(end, -1, np.int32)                    # label[t] = ids[t + 1] at answers
         label[np.asarray(answer) - 1] = ids[np.asarray(answer)]
-        inputs.append(ids[:-1])
+        inputs.append(ids[:end])
         labels.append(label)
     graphdef, state = nnx.split(model)
     bsz = min(batch_size, len(inputs))
@@ -308,15 +313,16 @@ def memorisation(model: nnx.Module, tokenizer: Any,
             raise ValueError(f"memorisation: {where}: shown and clean token ids are {kind}; "
                              "no corrupted position")
         j = int(diff[0])
-        inputs.append(ids_s[:-1])
+        inputs.append(ids_s[:j])                              # read at j - 1 only
         where_at.append(j - 1)
         shown_tok.append(int(ids_s[j]))
         clean_tok.append(int(ids_c[j]))
     graphdef, state = nnx.split(model)
     bsz = min(batch_size, len(inputs))
+    width = _round_up(max(len(r) for r in inputs))    # one [B, W] for the call
     hits = 0
     for chunk in _chunks(len(inputs), bsz):
-        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz, width)
         vec = lambda xs: np.asarray([xs[i] for i in chunk] + [0] * (bsz - len(chunk)), np.int32)
         flat = np.arange(bsz, dtype=np.int32) * tokens.shape[1] + vec(where_at)
         logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
@@ -386,14 +392,17 @@ def reference_logprobs(ref_model: nnx.Module, tokenizer: Any, prompts: Sequence[
         masks.append(mask[1:])
     graphdef, state = nnx.split(ref_model)
     bsz = min(batch_size, len(inputs))
+    width = _round_up(max(len(r) for r in inputs))    # one [B, W] and one K for the call
+    chunks = _chunks(len(inputs), bsz)
+    k = _round_up(max(sum(int(masks[i].sum()) for i in c) for c in chunks))
     out = {"tokens": [], "positions": [], "segment_ids": [], "response_masks": []}
     logps = []
-    for chunk in _chunks(len(inputs), bsz):
-        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz)
+    for chunk in chunks:
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz, width)
         resp = np.zeros(tokens.shape, bool)
         for r, i in enumerate(chunk):
             resp[r, :len(masks[i])] = masks[i]
-        flat, valid = _flat_index(resp)
+        flat, valid = _flat_index(resp, k)
         logp = _log_softmax(_logits_at(graphdef, state, tokens, positions, segments, flat))
         logps.append(np.asarray(logp, np.float32)[valid])
         for key, arr in zip(out, (tokens, positions, segments, resp)):
@@ -417,15 +426,15 @@ def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
     if masked != ref.num_tokens:
         raise ValueError(f"kl_from_reference: the response masks mark {masked} positions but "
                          f"logp has {ref.num_tokens} rows")
+    if model.cfg.vocab_size != vocab:
+        raise ValueError(f"kl_from_reference: model vocabulary {model.cfg.vocab_size} != "
+                         f"reference {vocab}")
     graphdef, state = nnx.split(model)
-    t0, p0, s0 = ref.tokens[0][:1, :1], ref.positions[0][:1, :1], ref.segment_ids[0][:1, :1]
-    v = int(jax.eval_shape(lambda: nnx.merge(graphdef, state)(t0, p0, s0)).shape[-1])
-    if v != vocab:
-        raise ValueError(f"kl_from_reference: model vocabulary {v} != reference {vocab}")
+    k = _round_up(max(int(m.sum()) for m in ref.response_masks))     # one K for the call
     total, start = 0.0, 0
     for tokens, positions, segments, resp in zip(ref.tokens, ref.positions, ref.segment_ids,
                                                  ref.response_masks):
-        flat, valid = _flat_index(resp)
+        flat, valid = _flat_index(resp, k)
         n = int(valid.sum())
         rows = np.zeros((len(flat), vocab), np.float32)
         rows[:n] = ref.logp[start:start + n]

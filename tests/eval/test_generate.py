@@ -170,3 +170,29 @@ def test_sharded_batch_gives_the_same_tokens(tiny_model, tokenizer):
 def test_bad_sampling_config(bad):
     with pytest.raises((ValueError, TypeError)):
         SamplingConfig(**bad)
+
+
+def test_inverse_cdf_follows_the_weights_and_never_draws_a_zero():
+    """Two-level inverse CDF over 600 tokens (3 blocks of 256, the last padded): frequencies
+    follow the weights; zero-weight tokens (inside, between and after the others) never come,
+    even for u next to 0 and 1."""
+    from qtarget_jax.generate import inverse_cdf
+    w = np.zeros(600, np.float32)
+    w[[3, 255, 256, 599]] = [1.0, 2.0, 3.0, 4.0]
+    u = np.concatenate([np.linspace(0, 1, 20000, endpoint=False), [0.0, 1 - 2 ** -24]])
+    got = np.asarray(inverse_cdf(jnp.broadcast_to(jnp.asarray(w), (len(u), 600)),
+                                 jnp.asarray(u, jnp.float32)))
+    assert set(got) <= {3, 255, 256, 599}
+    np.testing.assert_allclose(np.bincount(got, minlength=600)[[3, 255, 256, 599]] / len(u),
+                               [0.1, 0.2, 0.3, 0.4], atol=2e-3)
+
+
+def test_a_rows_sample_does_not_depend_on_the_batching(tiny_model, tokenizer):
+    """Keys per row (prompt index, continuation index): the same samples in one batch of 4
+    prompts, in batches of 3 (+ filler rows) and of 1."""
+    hot = SamplingConfig(max_new_tokens=8, temperature=1.0, pad_multiple=64)
+    runs = [[[g.token_ids for g in grp] for grp in generate_many(
+        tiny_model, tokenizer, PROMPTS, [hot, hot], batch_size=b, eos_ids=[2], seed=4)]
+        for b in (None, 3, 1)]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0][0] != runs[0][0][1]

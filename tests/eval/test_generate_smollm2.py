@@ -42,3 +42,34 @@ def test_greedy_equals_transformers_generate(cache_dir):
             ref = ref[:-1]
         print(f"\n{prompt!r} -> {gen.text!r} ({gen.finish_reason})")
         assert gen.token_ids == ref, (gen.text, tok.decode(ref))
+
+
+def test_greedy_equals_transformers_on_the_decode_benchmark_prompts(cache_dir):
+    """The 40 prompts of benchmarks/generate.py (held-out synthetic problems), 64 new tokens, in
+    one batch on both sides (transformers left-padded with an attention mask, as the benchmark
+    runs it): every greedy row equal token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtarget_jax.data import synthetic
+
+    model, _, tok = load_model("smollm2", cache_dir=cache_dir)
+    folder = cached_hf_folder(gguf_io.default_model_path(), cache_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    chats = [r["messages"][:-1] for r in synthetic.generate(0, 40, seed=0)["test"]]
+    ours = generate(model, tok, chats, SamplingConfig(max_new_tokens=64))
+    ids = [prompt_ids(tok, c) for c in chats]
+    width = max(map(len, ids))
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    batch = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        batch[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+    with torch.no_grad():
+        out = ref_model.generate(batch, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=pad)
+    for i, gen in enumerate(ours):
+        ref = [int(t) for t in out[i, width:]]
+        ref = ref[:ref.index(eos)] if eos in ref else ref
+        assert gen.token_ids == ref, (i, gen.text, tok.decode(ref))

@@ -325,3 +325,27 @@ def test_reference_logprobs_bad_input(tiny_model, tokenizer):
         reference_logprobs(tiny_model, tokenizer, ["a", "b"], ["c"])
     with pytest.raises(ValueError, match="row 1: response must be non-empty"):
         reference_logprobs(tiny_model, tokenizer, ["a", "b"], ["c", " "])
+
+
+def test_each_probe_call_compiles_the_forward_at_most_once(tiny_model, tokenizer):
+    """Rows of very different lengths in batches of one: every batch of a call is padded to
+    the call's one width and one K, so a call adds at most one compiled forward, a repeated
+    call none, and kl_from_reference reuses reference_logprobs' shape (no trace to read V).
+    Padding each batch to its own width compiled once per distinct width (3 here)."""
+    lengths = [1, 40, 80]
+    pairs = [(f"q{n}", "Q" + "w" * n, "5 + 3 = 9\n#### 9", "5 + 3 = 8\n#### 8")
+             for n in lengths]
+    prompts = ["P" + "w" * n for n in lengths]
+    responses = ["Cats sleep a lot."] * len(lengths)
+    size = probes._logits_at._cache_size()
+    memorisation(tiny_model, tokenizer, pairs, batch_size=1)
+    assert probes._logits_at._cache_size() <= size + 1
+    memorisation(tiny_model, tokenizer, pairs[::-1], batch_size=1)
+    size = probes._logits_at._cache_size()
+    ref = reference_logprobs(tiny_model, tokenizer, prompts, responses, batch_size=1)
+    assert len({t.shape for t in ref.tokens}) == 1
+    assert probes._logits_at._cache_size() <= size + 1
+    size = probes._logits_at._cache_size()
+    kl_from_reference(_perturbed(tiny_model), ref)
+    kl_from_reference(tiny_model, ref)
+    assert probes._logits_at._cache_size() == size

@@ -36,36 +36,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from qtarget_jax.generate.sampling import SamplingConfig, row_keys, sample_logits
 from qtarget_jax.logical_axes import logical_to_spec
 
 Prompt = str | list[dict[str, str]]  # a user message, or a chat (list of role/content dicts)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How to decode. temperature 0 means greedy (argmax), whatever top_p says."""
-
-    max_new_tokens: int = 128        # upper bound on generated tokens per row
-    temperature: float = 0.0         # 0 = greedy; > 0 divides the logits before sampling
-    top_p: float = 1.0               # nucleus sampling: keep the smallest set with mass >= top_p
-    stop_strings: tuple[str, ...] = ()  # cut the text before the first of these (host side)
-    cache_dtype: str = "float32"     # dtype of the KV cache (float32 | bfloat16)
-    pad_multiple: int = 16           # prompt width rounded up to this, to bound recompiles
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
-        if self.cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"SamplingConfig.cache_dtype={self.cache_dtype!r}: expected "
-                             "float32 or bfloat16")
-        if self.pad_multiple < 1:
-            raise ValueError(f"SamplingConfig.pad_multiple={self.pad_multiple} must be >= 1")
-        if isinstance(self.stop_strings, str):
-            raise TypeError("SamplingConfig.stop_strings must be a tuple of strings, got a str")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,35 +81,23 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int
     return tokens, positions, segments
 
 
-def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float | jax.Array,
-                  top_p: float) -> jax.Array:
-    """Next token ids [B] int32 from logits [B, V] float32.
+def prefill(model: nnx.Module, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+            max_new_tokens: int, cache_dtype: str) -> tuple[jax.Array, Any]:
+    """Runs the left-padded prompts [B, P] int32 through a new cache of P + max_new_tokens
+    slots; returns (logits [B, V] float32 of the last prompt position, the KVCache)."""
+    b, p = tokens.shape
+    cache = model.init_cache(b, p + max_new_tokens, jnp.dtype(cache_dtype))
+    hidden, cache = model(tokens, positions, segment_ids, return_hidden=True, cache=cache)
+    return model.logits(hidden[:, -1]), cache
 
-    temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the smallest
-    set of tokens whose mass reaches top_p (the most likely token is always kept), renormalised.
-    `temperature` is a Python float (all rows) or a [B] float32 array, per row; rows whose
-    temperature is 0 take the argmax.
-    """
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    per_row = not isinstance(temperature, (int, float))
-    if not per_row and temperature == 0.0:
-        return greedy
-    if per_row:
-        t = jnp.asarray(temperature, jnp.float32)[:, None]            # [B, 1]
-        z = logits_BV.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
-    else:
-        z = logits_BV.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        order = jnp.argsort(-z, axis=-1)
-        sorted_z = jnp.take_along_axis(z, order, axis=-1)
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        sorted_z = jnp.where(mass_before < top_p, sorted_z, -jnp.inf)
-        pick = jax.random.categorical(rng, sorted_z, axis=-1)
-        drawn = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    else:
-        drawn = jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
-    return jnp.where(t[:, 0] > 0, drawn, greedy) if per_row else drawn
+
+def forward_one(model: nnx.Module, tok: jax.Array, pos: jax.Array, cache: Any
+                ) -> tuple[jax.Array, Any]:
+    """One decode step: tokens [B] int32 at positions [B] int32 -> (logits [B, V] float32 of
+    the next token, the updated cache)."""
+    ones = jnp.ones((tok.shape[0], 1), jnp.int32)
+    logits, cache = model(tok[:, None], pos[:, None], ones, cache=cache)
+    return logits[:, -1], cache
 
 
 def _repeat_rows(tree: Any, repeats: int, batch_axis: int) -> Any:
@@ -145,7 +107,7 @@ def _repeat_rows(tree: Any, repeats: int, batch_axis: int) -> Any:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids",
                                              "temperatures", "top_p", "cache_dtype"))
 def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
-           segment_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+           segment_ids: jax.Array, keys: jax.Array, *, max_new_tokens: int,
            eos_ids: tuple[int, ...], temperatures: tuple[float, ...], top_p: float,
            cache_dtype: str) -> tuple[jax.Array, jax.Array]:
     """Prefill + token-by-token decoding over the model's KV cache, under one jit.
@@ -157,27 +119,26 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     Args:
       graphdef, state: `nnx.split(model)` (graphdef static).
       tokens, positions, segment_ids: [B, P] int32 left-padded prompts (see `left_pad`).
-      rng: a PRNG key (unused when every temperature is 0).
+      keys: [B*R] PRNG keys, one per output row (`sampling.row_keys`; unused when every
+        temperature is 0): row k draws its token of step s from fold_in(keys[k], s).
       temperatures: R temperatures (0 = greedy), static.
     Returns:
       out [B*R, N] int32 generated ids (N = max_new_tokens; pad/EOS after a row's end is the
       EOS id it stopped on, repeated) and length [B*R] int32: generated tokens before the EOS
       (or N).
     """
-    model = nnx.merge(graphdef, state)
-    b, p = tokens.shape
+    b = tokens.shape[0]
     reps = len(temperatures)
-    cache = model.init_cache(b, p + max_new_tokens, jnp.dtype(cache_dtype))
-    hidden, cache = model(tokens, positions, segment_ids, return_hidden=True, cache=cache)
-    logits = model.logits(hidden[:, -1])                    # [B, V]: the last position only
+    logits, cache = prefill(nnx.merge(graphdef, state), tokens, positions, segment_ids,
+                            max_new_tokens, cache_dtype)
     next_pos = positions[:, -1] + 1                         # [B] per-row real length
     if len(set(temperatures)) == 1:
         temperature = float(temperatures[0])                # one static temperature
     else:                                                   # row i*R + r: temperatures[r]
         temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b)
     if reps > 1:                                            # rows i*R + r share prompt i
-        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 1),
-                                    v=_repeat_rows(cache.v, reps, 1),
+        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 0),
+                                    v=_repeat_rows(cache.v, reps, 0),
                                     segment_ids=_repeat_rows(cache.segment_ids, reps, 0))
         logits, next_pos = _repeat_rows((logits, next_pos), reps, 0)
         b = b * reps
@@ -192,7 +153,8 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
 
     def body(carry):
         step, cache, last_logits, out, length, done, params = carry
-        tok = sample_logits(last_logits, jax.random.fold_in(rng, step), temperature, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        tok = sample_logits(last_logits, step_keys, temperature, top_p)
         prev = jnp.where(step > 0, out[:, jnp.maximum(step - 1, 0)], tok)
         tok = jnp.where(done, prev, tok)                   # a finished row repeats its EOS
         out = out.at[:, step].set(tok)
@@ -201,14 +163,26 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
         done = done | hit
         # The params ride in the carry and the model is merged inside the body: nnx.scan
         # (scan_layers) refuses modules or arrays from the outer trace level.
-        step_model = nnx.merge(graphdef, params)
-        logits, cache = step_model(tok[:, None], (next_pos + step)[:, None],
-                                   jnp.ones((b, 1), jnp.int32), cache=cache)
-        return step + 1, cache, logits[:, -1], out, length, done, params
+        logits, cache = forward_one(nnx.merge(graphdef, params), tok, next_pos + step, cache)
+        return step + 1, cache, logits, out, length, done, params
 
     carry = (jnp.zeros((), jnp.int32), cache, logits, out, length, done, state)
     _, _, _, out, length, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, length
+
+
+def check_context(name: str, prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raises ValueError naming the prompt when its tokens + max_new_tokens exceed the context."""
+    if prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"generate: {name}: prompt has {prompt_tokens} tokens + max_new_tokens "
+                         f"{max_new_tokens} > context length {context}")
+
+
+def prompt_width(longest: int, config: SamplingConfig, context: int) -> int:
+    """The left-padded prompt width: `longest` rounded up to config.pad_multiple, within the
+    context left after max_new_tokens."""
+    width = -(-longest // config.pad_multiple) * config.pad_multiple
+    return min(width, context - config.max_new_tokens)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -216,7 +190,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def _eos_ids(tokenizer: Any, eos_ids: Sequence[int] | None) -> tuple[int, ...]:
+def eos_ids_of(tokenizer: Any, eos_ids: Sequence[int] | None) -> tuple[int, ...]:
     if eos_ids is not None:
         ids = tuple(int(i) for i in eos_ids)
     else:
@@ -236,7 +210,8 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     Args:
       model: a Decoder (any params sharding). tokenizer: with a chat template.
       prompts: user-message strings or chats (lists of {"role", "content"}).
-      config: SamplingConfig. seed: sampling seed (batch j uses fold_in(key(seed), j)).
+      config: SamplingConfig. seed: sampling seed; each row has its own key (prompt index,
+        continuation index: `sampling.row_keys`), so a sample does not depend on the batching.
       batch_size: rows per decode call (default all); the last batch is filled with copies of
         its first prompt so every call has the same shape.
       eos_ids: token ids that end a row (default tokenizer.eos_token_id).
@@ -285,30 +260,27 @@ def generate_many(model: nnx.Module, tokenizer: Any, prompts: Sequence[Prompt],
     if len(names) != len(prompts):
         raise ValueError(f"generate: {len(names)} names for {len(prompts)} prompts")
     context = max_len or model.cfg.max_position_embeddings
-    eos = _eos_ids(tokenizer, eos_ids)
+    eos = eos_ids_of(tokenizer, eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     for name, row in zip(names, ids):
-        if len(row) + first.max_new_tokens > context:
-            raise ValueError(f"generate: {name}: prompt has {len(row)} tokens + max_new_tokens "
-                             f"{first.max_new_tokens} > context length {context}")
+        check_context(name, len(row), first.max_new_tokens, context)
     temperatures = tuple(float(c.temperature) for c in configs)
     reps = len(configs)
     bsz = batch_size or len(ids)
     graphdef, state = nnx.split(model)
-    key = jax.random.key(seed)
     results: list[list[Generation]] = []
-    for j, start in enumerate(range(0, len(ids), bsz)):
+    for start in range(0, len(ids), bsz):
         chunk = ids[start:start + bsz]
         rows = chunk + [chunk[0]] * (bsz - len(chunk))
-        longest = max(len(r) for r in rows)
-        width = -(-longest // first.pad_multiple) * first.pad_multiple
-        width = min(width, context - first.max_new_tokens)
-        arrays = left_pad(rows, pad_id, width)
+        arrays = left_pad(rows, pad_id, prompt_width(max(len(r) for r in rows), first, context))
         if mesh is not None:
             sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
             arrays = tuple(jax.device_put(a, sharding) for a in arrays)
-        out, length = decode(graphdef, state, *arrays, jax.random.fold_in(key, j),
+        prompt_index = np.repeat(np.arange(start, start + bsz, dtype=np.int32), reps)
+        sample_index = np.tile(np.arange(reps, dtype=np.int32), bsz)
+        keys = row_keys(seed, prompt_index, sample_index)
+        out, length = decode(graphdef, state, *arrays, keys,
                              max_new_tokens=first.max_new_tokens, eos_ids=eos,
                              temperatures=temperatures, top_p=float(first.top_p),
                              cache_dtype=first.cache_dtype)
