@@ -79,7 +79,8 @@ def test_recipe_training_run(recipe, tiny_tokenizer_dir):
     argv[i + 1] = str(REPO / "configs" / "tiny_test.yaml")
     argv += [f"model.tokenizer={tiny_tokenizer_dir}", "model.config.vocab_size=512",
              "run.steps=2", "data.seq_len=128", "eval.problems_limit=2",
-             "eval.max_new_tokens=8", "logging.tensorboard=false", "logging.plot=false"]
+             "eval.max_new_tokens=8", "logging.tensorboard=false", "logging.plot=false",
+             "checkpoint.export_hf=true"]  # as configs/smollm2_target_sft.yaml does
     out = run(argv, root)
     run_dir = root / "runs" / "numina"
     # The printed summary: before -> after, and a chat command for the exported model.
