@@ -27,8 +27,8 @@ def _result(**kw):
 def test_finished_run_shows_each_metric_and_where_to_go_next():
     lines = summary_lines(_result(), _cfg("checkpoint.export_hf=true"))
     text = "\n".join(lines)
-    assert lines[0] == ("target_sft (eta=0.5; teacher: the frozen initial model) on smollm2: "
-                        "steps 0 -> 24 of 24")
+    assert lines[0] == ("target_sft (eta=0.5, gamma_floor=0.5; teacher: the frozen initial "
+                        "model) on smollm2: steps 0 -> 24 of 24")
     assert lines[1] == "held-out (data/synth/test.jsonl), before -> after:"
     rows = {line.split("  ")[1].strip(): line.split()[-3:] for line in lines[2:8]}
     assert rows == {
@@ -66,8 +66,8 @@ def test_resumed_run_has_no_before_and_other_teachers_and_probes_are_named():
                      eval_after={"eval/loss": 0.5, "probe/memorised": 0.25})
     lines = summary_lines(result, _cfg("model.teacher=teacher_run", "lora.rank=4",
                                        "eval.problems_limit=0"))
-    assert lines[0] == ("target_sft (eta=0.5; teacher: teacher_run) on smollm2, LoRA rank 4: "
-                        "steps 24 -> 24 of 24")
+    assert lines[0] == ("target_sft (eta=0.5, gamma_floor=0.5; teacher: teacher_run) on smollm2, "
+                        "LoRA rank 4: steps 24 -> 24 of 24")
     assert lines[1].endswith("resumed at step 24: - -> after:")
     assert [line.split() for line in lines[2:4]] == [["held-out", "loss", "-", "->", "0.500"],
                                                      ["probe/memorised", "-", "->", "0.25"]]
