@@ -102,7 +102,7 @@ def summary_lines(result: Mapping[str, Any], cfg: Any) -> list[str]:
         when = "before -> after" if before else f"resumed at step {start}: - -> after"
         out.append(f"held-out ({cfg.eval.problems or cfg.data.path}), {when}:")
         out += metric_lines(before, after, exact)
-    files = ["metrics.jsonl", "config.yaml"]
+    files = ["metrics.jsonl", "summary.json", "config.yaml"]
     if cfg.eval.problems:
         outputs = sorted({s for s, ev in ((start, before), (final, after)) if ev})
         files += [f"problems_step{s}.jsonl" for s in outputs]

@@ -41,8 +41,8 @@ def test_finished_run_shows_each_metric_and_where_to_go_next():
     }
     assert lines[8].split()[-3:] == ["1", "->", "0"]  # outputs with no answer
     assert len(lines) == 13  # gamma = p_y is shown once; eval/problems/n is in the exact match
-    assert lines[9] == ("run folder: runs/job (metrics.jsonl, config.yaml, problems_step0.jsonl, "
-                         "problems_step24.jsonl, checkpoints/)")
+    assert lines[9] == ("run folder: runs/job (metrics.jsonl, summary.json, config.yaml, "
+                        "problems_step0.jsonl, problems_step24.jsonl, checkpoints/)")
     assert lines[10] == "TensorBoard: tensorboard --logdir runs/job/tb"
     assert lines[11].startswith("exported: runs/job/hf (Hugging Face folder")
     assert lines[12] == 'chat: python -m qtarget_jax.generate --model runs/job "What is 7 + 5?"'
