@@ -29,7 +29,7 @@ def test_finished_run_shows_each_metric_and_where_to_go_next():
     text = "\n".join(lines)
     assert lines[0] == ("target_sft (eta=0.5, gamma_floor=0.5; teacher: the frozen initial "
                         "model) on smollm2: steps 0 -> 24 of 24")
-    assert lines[1] == "held-out (data/synth/test.jsonl), before -> after:"
+    assert lines[1] == "held-out (data/synth_easy/test.jsonl), before -> after:"
     rows = {line.split("  ")[1].strip(): line.split()[-3:] for line in lines[2:8]}
     assert rows == {
         "exact match (first 32 problems, greedy)": ["3/32", "->", "6/32"],
