@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast train data experiment experiment-quick plan clean
 
-SYNTH := data/tfds/jsonl_sft/synth/1.0.0
+SYNTH := data/tfds/jsonl_sft/synth_easy/1.0.0
 TRAIN_RUN := runs/smollm2_target_sft
 
 venv: $(STAMP)
@@ -28,12 +28,14 @@ test: venv
 test-fast: venv
 	$(TEST_ENV) $(PY) -m pytest -n 2 -q -m "not slow" tests
 
-# The synthetic reasoning set as a tfds (array_record) dataset; made once.
+# The main job's data: the synthetic set with one operation per problem (problems SmolLM2 partly
+# solves already) as a tfds (array_record) dataset; made once (its own name, so a data/synth of
+# the default 2-3 operations made earlier is never reused for it).
 data: venv
 	test -d $(SYNTH) || ( \
-	  $(PY) -m qtarget_jax.data synth --out data/synth --n-train 2000 --n-test 200 && \
-	  $(PY) -m qtarget_jax.data prepare --split train=data/synth/train.jsonl \
-	      --split test=data/synth/test.jsonl --out data/tfds --name synth )
+	  $(PY) -m qtarget_jax.data synth --out data/synth_easy --n-train 2000 --n-test 200 --ops 1 && \
+	  $(PY) -m qtarget_jax.data prepare --split train=data/synth_easy/train.jsonl \
+	      --split test=data/synth_easy/test.jsonl --out data/tfds --name synth_easy )
 
 # The main job: Target-SFT of the embedded SmolLM2-135M-Instruct, a fresh run each time
 # (python train.py with the same config resumes instead).

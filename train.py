@@ -8,7 +8,6 @@ Layering: configs/base.yaml <- configs/models/<model.name>.yaml <- --config <- k
 This file is intentionally short; the logic lives in qtarget_jax.train (tested there).
 """
 import argparse
-import json
 import logging
 import sys
 
@@ -31,10 +30,11 @@ def main(argv=None) -> int:
         return 2
     from qtarget_jax.train.compile_cache import enable_persistent_cache
     from qtarget_jax.train.loop import run  # imports jax: after the config is known good
+    from qtarget_jax.train.summary import summary_lines, write_summary
     enable_persistent_cache()  # $QTARGET_JAX_COMPILE_CACHE or ~/.cache/qtarget_jax/jax
-    summary = run(loaded)
-    print(json.dumps({k: summary.get(k) for k in
-                      ("start_step", "final_step", "stop_signal", "eval_before", "eval_after")}))
+    result = run(loaded)
+    write_summary(result, loaded.config)  # <run.dir>/summary.json, for scripts
+    print("\n".join(summary_lines(result, loaded.config)))
     return 0
 
 

@@ -3,6 +3,7 @@ statistics.
 
 Example Usage:
   python -m qtarget_jax.data synth --out data/synth --n-train 2000 --n-test 200 --noise 0.2 --seed 0
+  python -m qtarget_jax.data synth --out data/synth_easy --n-train 2000 --n-test 200 --ops 1
   python -m qtarget_jax.data prepare --split train=data/synth/train.jsonl \\
       --split test=data/synth/test.jsonl --out data/tfds --name synth --seq-len 256
   python -m qtarget_jax.data prepare --split 'train=numina/data/train-*.parquet' \\
@@ -101,11 +102,25 @@ def _print_stats(args: argparse.Namespace, source: str, splits: list[str]) -> No
             print(json.dumps({"split": split, **s}))
 
 
+def _ops_range(text: str) -> tuple[int, int]:
+    """``--ops`` "N" or "MIN-MAX" as a validated (fewest, most) pair."""
+    from qtarget_jax.data import synthetic
+
+    parts = text.split("-")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        lo, hi = int(parts[0]), int(parts[-1])
+        return synthetic.check_ops((lo, hi))
+    except ValueError:
+        raise ValueError(f"--ops takes N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}") from None
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from qtarget_jax.data import synthetic
 
     data = synthetic.generate(args.n_train, args.n_test, seed=args.seed, noise=args.noise,
-                              phrasings=args.phrasings)
+                              phrasings=args.phrasings, ops=_ops_range(args.ops))
     for split, rows in data.items():
         path = os.path.join(args.out, f"{split}.jsonl")
         synthetic.write_jsonl(rows, path)
@@ -165,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=200, help="distinct test problems")
     p.add_argument("--phrasings", type=int, default=2, help="train rows per problem")
     p.add_argument("--noise", type=float, default=0.0, help="fraction of corrupted train rows")
+    p.add_argument("--ops", default="2-3", help="operations per problem: N or MIN-MAX "
+                   "(default 2-3), e.g. 1 for one-step problems")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_synth)
 

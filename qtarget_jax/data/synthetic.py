@@ -1,6 +1,7 @@
-"""A synthetic reasoning set: 2-3 step arithmetic word problems with worked solutions.
+"""A synthetic reasoning set: arithmetic word problems (2-3 steps by default) with worked solutions.
 
-Each problem: a start amount and 2-3 operations (gain, lose, multiply) on small numbers
+Each problem: a start amount and ``ops`` operations (gain, lose, multiply; ``ops=(2, 3)`` by
+default: 2 or 3, drawn uniformly; ``(1, 1)`` gives one-step problems) on small numbers
 (start 2..12, amounts in [1, 60], products <= 36). The user turn is the question; the assistant turn
 is one line per step (``5 + 3 = 8``...) and a final line ``#### N``. Phrasings of both the
 question and of every step are drawn from several templates, so one problem has several valid
@@ -51,6 +52,7 @@ _S_OP = {
 }
 MAX_VALUE = 60  # no amount exceeds this
 MAX_MUL = 36    # a product (one-digit x one-digit mostly) stays small for a 135M model
+DEFAULT_OPS = (2, 3)  # (fewest, most) operations per problem
 _ANSWER_RE = re.compile(r"^####\s*(-?\d+)\s*$", re.MULTILINE)
 
 
@@ -59,7 +61,7 @@ class Problem:
     name: str
     item: str
     start: int
-    ops: tuple[tuple[str, int], ...]  # ("gain"|"lose"|"mul", operand), 2-3 of them
+    ops: tuple[tuple[str, int], ...]  # ("gain"|"lose"|"mul", operand), DEFAULT_OPS of them
 
     def values(self) -> list[int]:
         """Amounts after each step: [start, v1, ..., answer]."""
@@ -77,12 +79,23 @@ def _apply(op: str, x: int, b: int) -> int:
     return {"gain": x + b, "lose": x - b, "mul": x * b}[op]
 
 
-def sample_problem(rng: random.Random) -> Problem:
-    """Draws one problem: start 2..12, add/subtract 1..9, multiply by 2 or 3 only while the
-    product stays <= MAX_MUL; every amount stays in [1, MAX_VALUE]."""
+def check_ops(ops: Sequence[int]) -> tuple[int, int]:
+    """``ops`` as a validated ``(fewest, most)`` pair of operation counts, 1 <= fewest <= most."""
+    if (len(ops) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) for k in ops)
+            or not 1 <= ops[0] <= ops[1]):
+        raise ValueError(f"ops must be (fewest, most) integers with 1 <= fewest <= most, "
+                         f"got {tuple(ops)!r}")
+    return int(ops[0]), int(ops[1])
+
+
+def sample_problem(rng: random.Random, ops: Sequence[int] = DEFAULT_OPS) -> Problem:
+    """Draws one problem: start 2..12, then ``ops[0]..ops[1]`` operations (count drawn
+    uniformly): add/subtract 1..9, multiply by 2 or 3 only while the product stays <= MAX_MUL;
+    every amount stays in [1, MAX_VALUE]."""
+    lo, hi = check_ops(ops)
     start = rng.randint(2, 12)
-    ops, x = [], start
-    for _ in range(rng.choice((2, 3))):
+    steps, x = [], start
+    for _ in range(rng.choice(tuple(range(lo, hi + 1)))):
         options = []
         if x + 1 <= MAX_VALUE:
             options.append(("gain", rng.randint(1, min(9, MAX_VALUE - x))))
@@ -91,9 +104,9 @@ def sample_problem(rng: random.Random) -> Problem:
         if 2 * x <= MAX_MUL:
             options.append(("mul", rng.choice([k for k in (2, 3) if k * x <= MAX_MUL])))
         op, b = rng.choice(options)
-        ops.append((op, b))
+        steps.append((op, b))
         x = _apply(op, x, b)
-    return Problem(rng.choice(NAMES), rng.choice(ITEMS), start, tuple(ops))
+    return Problem(rng.choice(NAMES), rng.choice(ITEMS), start, tuple(steps))
 
 
 def question(p: Problem, rng: random.Random, templates: Sequence[int] | None = None) -> str:
@@ -161,13 +174,14 @@ def extract_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def draw_problems(n: int, seed: int) -> list[Problem]:
-    """``n`` distinct problems drawn from ``Random(seed)`` in a fixed order (a longer draw
-    extends a shorter one)."""
+def draw_problems(n: int, seed: int, ops: Sequence[int] = DEFAULT_OPS) -> list[Problem]:
+    """``n`` distinct problems of ``ops`` operations drawn from ``Random(seed)`` in a fixed order
+    (a longer draw extends a shorter one)."""
+    check_ops(ops)
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n:
-        p = sample_problem(rng)
+        p = sample_problem(rng, ops)
         if p in seen:
             continue
         seen.add(p)
@@ -178,14 +192,15 @@ def draw_problems(n: int, seed: int) -> list[Problem]:
 
 
 def generate(n_train: int, n_test: int, *, seed: int = 0, noise: float = 0.0,
-             phrasings: int = 2) -> dict[str, list[dict]]:
-    """Returns ``{"train": rows, "test": rows}`` of chat rows (see module doc)."""
+             phrasings: int = 2, ops: Sequence[int] = DEFAULT_OPS) -> dict[str, list[dict]]:
+    """Returns ``{"train": rows, "test": rows}`` of chat rows (see module doc); ``ops``: the
+    (fewest, most) operations per problem."""
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     if phrasings < 1 or n_train < 0 or n_test < 0:
         raise ValueError(f"need phrasings >= 1 and n_train, n_test >= 0; got "
                          f"{phrasings}, {n_train}, {n_test}")
-    problems = draw_problems(n_train + n_test, seed)
+    problems = draw_problems(n_train + n_test, seed, ops)
     return {"test": write_problems(problems[:n_test], "test", seed),
             "train": write_problems(problems[n_test:], "train", seed, noise=noise,
                                     phrasings=phrasings)}

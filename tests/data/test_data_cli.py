@@ -59,3 +59,15 @@ def test_module_entry_point_runs(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert os.path.exists(tmp_path / "train.jsonl") and os.path.exists(tmp_path / "test.jsonl")
+
+
+def test_synth_ops_flag(tmp_path, capsys):
+    out = str(tmp_path / "one")
+    assert main(["synth", "--out", out, "--n-train", "20", "--n-test", "5", "--ops", "1"]) == 0
+    rows = [json.loads(line) for line in open(f"{out}/train.jsonl")]
+    assert {len(r["messages"][1]["content"].splitlines()) for r in rows} == {3}  # start, 1, ####
+    for bad in ("3-1", "x", "0", "1-2-3"):
+        assert main(["synth", "--out", str(tmp_path / "bad"), "--ops", bad]) == 1
+        assert (f"error: --ops takes N or MIN-MAX with 1 <= MIN <= MAX, got {bad!r}"
+                in capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "bad")

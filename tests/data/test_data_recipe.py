@@ -79,9 +79,16 @@ def test_recipe_training_run(recipe, tiny_tokenizer_dir):
     argv[i + 1] = str(REPO / "configs" / "tiny_test.yaml")
     argv += [f"model.tokenizer={tiny_tokenizer_dir}", "model.config.vocab_size=512",
              "run.steps=2", "data.seq_len=128", "eval.problems_limit=2",
-             "eval.max_new_tokens=8", "logging.tensorboard=false", "logging.plot=false"]
-    run(argv, root)
+             "eval.max_new_tokens=8", "logging.tensorboard=false", "logging.plot=false",
+             "checkpoint.export_hf=true"]  # as configs/smollm2_target_sft.yaml does
+    out = run(argv, root)
     run_dir = root / "runs" / "numina"
+    # The printed summary: before -> after, and a chat command for the exported model.
+    assert "held-out (numina/data/test-00000-of-00001.parquet), before -> after:" in out
+    assert any(line.split()[:3] == ["exact", "match", "(first"] and line.split()[-2] == "->"
+               for line in out.splitlines()), out
+    assert 'chat: python -m qtarget_jax.generate --model runs/numina "What is 7 + 5?"' in out
+    assert (run_dir / "hf" / "config.json").is_file()  # what --model <run folder> loads
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in steps if "loss" in r} == {1, 2}
     problems = [json.loads(line)

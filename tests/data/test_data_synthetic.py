@@ -1,4 +1,6 @@
 """The synthetic arithmetic set: correct worked solutions, fixed splits, measured noise."""
+import hashlib
+import json
 import re
 
 import pytest
@@ -8,8 +10,9 @@ from qtarget_jax.data import records, synthetic
 _STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 
 
-def _check_solution(text):
-    """Independent checker: every 'a op b = c' is true, steps chain, '#### c' is the last c."""
+def _check_solution(text, ops=(2, 3)):
+    """Independent checker: every 'a op b = c' is true, steps chain, '#### c' is the last c,
+    and there are ops[0]..ops[1] steps."""
     lines = text.split("\n")
     steps = [tuple(_STEP.search(line).groups()) for line in lines[1:-1]]
     prev = None
@@ -20,7 +23,7 @@ def _check_solution(text):
         if c != {"+": a + b, "-": a - b, "*": a * b}[op]:
             return False
         prev = c
-    return lines[-1] == f"#### {prev}" and 2 <= len(steps) <= 3
+    return lines[-1] == f"#### {prev}" and ops[0] <= len(steps) <= ops[1]
 
 
 def test_clean_rows_are_correct_and_valid():
@@ -107,3 +110,45 @@ def test_largest_rows_answer_the_maximum():
         assert synthetic.extract_answer(a) == max(numbers)
     assert rows == synthetic.largest_rows(20, "x", seed=3)
     assert rows != synthetic.largest_rows(20, "x", seed=4)
+
+
+# The first test row of generate(50, 10, seed=3) and a digest of all its rows, as written by the
+# generator before it took `ops`: the default (2-3 operations) must stay bit-identical.
+GOLDEN_FIRST_TEST = {
+    "id": "test-0", "answer": 30, "noise": None, "messages": [
+        {"role": "user", "content": "Hugo has 5 books. Then the number of books becomes 2 times "
+                                    "as large. Hugo's books are multiplied by 3. How many books "
+                                    "does Hugo have now?"},
+        {"role": "assistant", "content": "Start: 5 books.\n2 times as many is 5 * 2 = 10 books."
+                                         "\n10 * 3 = 30\n#### 30"}]}
+GOLDEN_DIGESTS = {(50, 10, 3, 0.0): "366b1e0b7933a4c4862774f94fd6e420afa2fa410a4080a3670499c7a34d7832",
+                  (300, 40, 0, 0.2): "9960fcbd39c2d237503d113cea43e1b4b97296495e67ecd57d82906aa24647e6"}
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN_DIGESTS))
+def test_default_ops_rows_unchanged(key):
+    n_train, n_test, seed, noise = key
+    data = synthetic.generate(n_train, n_test, seed=seed, noise=noise)
+    assert data == synthetic.generate(n_train, n_test, seed=seed, noise=noise, ops=(2, 3))
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    assert digest == GOLDEN_DIGESTS[key]
+    if seed == 3:
+        assert data["test"][0] == GOLDEN_FIRST_TEST
+
+
+@pytest.mark.parametrize("ops", [(1, 1), (1, 2), (4, 5)])
+def test_ops_range_is_respected_and_every_count_occurs(ops):
+    data = synthetic.generate(200, 50, seed=0, ops=ops)
+    counts = set()
+    for row in data["train"] + data["test"]:
+        text = row["messages"][1]["content"]
+        assert _check_solution(text, ops), text
+        assert synthetic.extract_answer(text) == row["answer"]
+        counts.add(len(text.split("\n")) - 2)
+    assert counts == set(range(ops[0], ops[1] + 1))
+
+
+@pytest.mark.parametrize("bad", [(0, 1), (3, 2), (1,), (1, 2, 3), (1.0, 2), (True, 2)])
+def test_bad_ops_range_names_the_value(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(tuple(bad)))):
+        synthetic.generate(2, 1, ops=bad)

@@ -66,7 +66,7 @@ def test_free_form_dicts_merge_and_preset_replaces():
     cfg = load_config(None, ("loss.target.z_loss=0.001",)).config
     assert cfg.loss.target == {"preset": "sft", "z_loss": 0.001}
     cfg = load_config(REPO_CONFIGS / "smollm2_target_sft.yaml", ("loss.target.eta=0.3",)).config
-    assert cfg.loss.target == {"preset": "target_sft", "eta": 0.3}
+    assert cfg.loss.target == {"preset": "target_sft", "eta": 0.3, "gamma_floor": 0.5}
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -224,7 +224,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_dataset, char_tokenizer
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    assert "stopped by SIGTERM; the same command resumes from" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_signal"] == "SIGTERM"
     stopped = summary["final_step"]
     assert 2 <= stopped < 200

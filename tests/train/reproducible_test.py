@@ -29,7 +29,7 @@ def _prepare(folder: pathlib.Path, train: pathlib.Path, test: pathlib.Path) -> s
 
 
 def _train_one_device(run_dir: pathlib.Path, data: str, tokenizer: str) -> dict:
-    """train.py in a fresh process that sees one CPU device; returns its printed summary."""
+    """train.py in a fresh process that sees one CPU device; returns its summary.json."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(JOB), f"data.path={data}",
@@ -37,7 +37,8 @@ def _train_one_device(run_dir: pathlib.Path, data: str, tokenizer: str) -> dict:
            f"checkpoint.every_steps={STEPS}", "logging.tensorboard=false", "logging.plot=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"run folder: {run_dir} (metrics.jsonl" in proc.stdout, proc.stdout[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _logged(run_dir: pathlib.Path) -> list[dict]:
