@@ -12,6 +12,7 @@ import logging
 import sys
 
 from qtarget_jax.config import ConfigError, check_sources, load_config
+from qtarget_jax.libtpu_env import quiet_without_tpu
 
 
 def main(argv=None) -> int:
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="job YAML (layered over base.yaml and models/<name>.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=3e-4")
     args = ap.parse_args(argv)
+    quiet_without_tpu()  # libtpu installed, no TPU here: no libtpu errors
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file at INFO
     try:

@@ -36,6 +36,7 @@ from typing import Literal
 
 
 from qtarget_jax.data import synthetic
+from qtarget_jax.libtpu_env import quiet_without_tpu
 
 SETS = ("a", "b", "teacher", "test", "skill_test")
 
@@ -380,6 +381,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("overrides", nargs="*",
                    help="dotted key=value, YAML values (data.noise=0.2, seeds=[0])")
     args = p.parse_args(argv)
+    quiet_without_tpu()  # libtpu installed, no TPU here: no libtpu errors
     from qtarget_jax.config import ConfigError
     try:
         exp = load_experiment(args.config, args.overrides)

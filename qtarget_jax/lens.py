@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget_jax.libtpu_env import quiet_without_tpu
+
 
 @dataclasses.dataclass(frozen=True)
 class LensRow:
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[LensRow]:
     p.add_argument("--top", type=int, default=4)
     p.add_argument("--png", default=None, help="write the heat map here")
     args = p.parse_args(argv)
+    quiet_without_tpu()  # libtpu installed, no TPU here: no libtpu errors
 
     from qtarget_jax.evaluate.loading import load_source
     from qtarget_jax.targets import get_preset

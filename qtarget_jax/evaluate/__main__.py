@@ -19,6 +19,7 @@ import sys
 import time
 
 from qtarget_jax.evaluate import evaluate_model, load_checkpoint, load_examples, load_source
+from qtarget_jax.libtpu_env import quiet_without_tpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
     p.add_argument("--out", default=None, help="per-example JSONL output path")
     args = p.parse_args(argv)
+    quiet_without_tpu()  # libtpu installed, no TPU here: no libtpu errors
 
     t0 = time.perf_counter()
     examples = load_examples(args.data, args.limit, question_column=args.question_column,

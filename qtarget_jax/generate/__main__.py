@@ -20,6 +20,7 @@ from typing import Any
 
 from qtarget_jax.generate.sampling import SamplingConfig
 from qtarget_jax.generate.stream import stream
+from qtarget_jax.libtpu_env import quiet_without_tpu
 
 
 def load(source: str) -> tuple[Any, Any]:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args(argv)
+    quiet_without_tpu()  # libtpu installed, no TPU here: no libtpu errors
     try:
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p)

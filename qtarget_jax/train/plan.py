@@ -39,6 +39,8 @@ import re
 import sys
 from typing import Optional
 
+from qtarget_jax.libtpu_env import answer_libtpu
+
 GIB = 1 << 30
 # Per-chip HBM (GiB) and dense bf16 peak FLOP/s of each TPU generation, from the Cloud TPU
 # system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 32 GiB,
@@ -76,11 +78,8 @@ def tpu_devices(topology: str) -> list:
     gen, shape = topology.split(":")
     chips = math.prod(int(d) for d in shape.split("x"))
     cores = chips * (2 if gen in ("v4", "v5p") else 1)  # v4/v5p type names count cores
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     # No chip is opened: processes planning at once (pytest -n 2) need not share a lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen}-{cores}")
+    answer_libtpu(f"{gen}-{cores}")
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     # v4 lists both TensorCores of a chip; JAX runs one (megacore) device per chip.
