@@ -9,6 +9,7 @@ entry of `RESIDUALS`; `TopK` wraps the kind whose ranking it keeps.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
@@ -45,7 +46,7 @@ def lse_of(m, s):
     return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
 
 
-class Residual:
+class Residual(abc.ABC):
     """A residual kind's row statistics. The base class is the part every kind shares: no
     statistics of its own, no saved rows."""
     needs_teacher = False
@@ -63,19 +64,19 @@ class Residual:
         """This kind's statistics of whole rows from per-shard ones (vocab sharded on axis)."""
         return {}
 
+    @abc.abstractmethod
     def finish(self, plan: "RowPlan", st, row: dict) -> tuple:
         """(H(pi, p) = lse - <pi, z>, H(pi), pi_y: [n] each; {saved rows}) from whole-row
         statistics; `row` has lse, entropy, zy (NaN where an out-of-range label counts), p_y,
         in_range, labels [n]."""
-        raise NotImplementedError
 
     def saved_ndims(self, plan: "RowPlan") -> dict[str, int]:
         """{name: ndim} of the rows `finish` saves for the backward pass (leading dim n)."""
         return {}
 
+    @abc.abstractmethod
     def pi(self, plan: "RowPlan", saved, z, t, cols, p):
         """pi on one [n, Vb] tile (z, t, cols as `tile_grad`; p = softmax(z) there)."""
-        raise NotImplementedError
 
     def rank_key(self, plan: "RowPlan", z, t):
         """The [n, Vb] logits whose top-k a `TopK` of this kind keeps."""
@@ -125,8 +126,9 @@ class _Softmax(Residual):
     NAMES: tuple[str, str, str, str]
     SAVED: str
 
+    @abc.abstractmethod
     def x(self, plan, z, t):
-        raise NotImplementedError
+        """The [n, Vb] logits x(z, t) whose softmax is pi on one tile."""
 
     def init(self, plan, n, dtype):
         m, s, b, c = self.NAMES
