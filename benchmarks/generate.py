@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the same child protocol and matmul timing)
-from train_step import Child as _Child, _hf_folder, _loadavg  # noqa: E402
+from train_step import Child as _Child, _hf_folder, _loadavg, pin_cpus  # noqa: E402
 
 
 def prompts(n: int) -> tuple[list, list[list[int]]]:
@@ -179,9 +179,7 @@ def main() -> None:
     ap.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.cpus = (sorted(os.sched_getaffinity(0)) if args.cpus is None
-                 else [int(c) for c in args.cpus.split(",")])
-    os.sched_setaffinity(0, args.cpus)
+    args.cpus = pin_cpus(args.cpus)
     if args.child:
         child(args.child, args.ids, args.samples, args.new_tokens)
         return

@@ -259,6 +259,14 @@ def _loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def pin_cpus(cpus: str | None) -> list[int]:
+    """Pins this process (and the children it starts) to the comma-separated CPU ids `cpus`
+    (default: the CPUs it may already use); returns them."""
+    ids = sorted(os.sched_getaffinity(0)) if cpus is None else [int(c) for c in cpus.split(",")]
+    os.sched_setaffinity(0, ids)
+    return ids
+
+
 class Child:
     def __init__(self, impl: str, args, env):
         self.impl = impl
@@ -314,9 +322,7 @@ def main() -> None:
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T = args.batch, args.seq
-    args.cpus = (sorted(os.sched_getaffinity(0)) if args.cpus is None
-                 else [int(c) for c in args.cpus.split(",")])
-    os.sched_setaffinity(0, args.cpus)
+    args.cpus = pin_cpus(args.cpus)
     if args.child:
         child(args.child, args.loss, args.remat, args.scan_layers)
         return
