@@ -318,16 +318,15 @@ class Evaluator:
         self.reference = probes.reference_logprobs(b0_model, tokenizer, prompts,
                                                    [g.text for g in answers],
                                                    batch_size=exp.eval.batch_size)
+        # The three probes' rows tokenised and packed once, run as one forward per epoch.
+        self.probes = probes.EpochProbes(tokenizer, self.test, self.pairs or None,
+                                         self.reference)
 
     def per_epoch(self, model) -> dict[str, float]:
-        from qtarget_jax.problems import probes
-        out = {}
-        bs = self.exp.eval.batch_size
-        out.update(probes.answer_token_accuracy(model, self.tokenizer, self.test, batch_size=bs))
-        if self.pairs:
-            out.update(probes.memorisation(model, self.tokenizer, self.pairs, batch_size=bs))
-        out.update(probes.kl_from_reference(model, self.reference))
-        return out
+        """answer-token accuracy, memorisation (when set B has corrupted rows) and KL from
+        B0 of `model` (`problems.probes.EpochProbes`: the values of answer_token_accuracy,
+        memorisation and kl_from_reference, in one packed forward)."""
+        return self.probes(model)
 
     def final(self, model, seed: int, out_prefix: str | None) -> dict[str, float]:
         from qtarget_jax.problems import solve

@@ -93,7 +93,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, return_hidden: bool = False,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, mask: jax.Array | None = None):
         """Forward pass.
 
         Args:
@@ -106,6 +106,9 @@ class Decoder(nnx.Module):
           return_hidden: return the final-normed hidden states [B, T, D] (compute dtype)
             instead of logits.
           cache: a KVCache; this call's tokens fill slots [cache.index, cache.index + T).
+          mask: [B, T, T] bool (with `cache`: [B, T, S] over its slots), an attention mask
+            that replaces the one built from positions and segment_ids (e.g. packed rows that
+            all see one shared prefix held in the cache: problems/probes.py). None: built.
 
         Returns:
           logits [B, T, V] float32 (matmul in compute dtype, accumulated and returned in
@@ -130,8 +133,15 @@ class Decoder(nnx.Module):
                                                           cfg.rope_scaling))
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         kv = None
+        given = mask
+        if given is not None:
+            want = (b, t, t if cache is None else cache.max_len)
+            if given.shape != want:
+                raise ValueError(f"Decoder: mask shape {given.shape} != {want}")
         if cache is None:      # among this call's tokens: [B, T, T]
-            mask = attention_mask(q_index, segment_ids, q_index, segment_ids, cfg.sliding_window)
+            if given is None:
+                mask = attention_mask(q_index, segment_ids, q_index, segment_ids,
+                                      cfg.sliding_window)
         else:                  # over the cache slots once this call's tokens are in: [B, T, S]
             if len(cache.k) != cfg.num_layers or cache.k[0].shape[0] != b:
                 raise ValueError(f"Decoder: cache has {len(cache.k)} layers of batch "
@@ -146,8 +156,10 @@ class Decoder(nnx.Module):
                                        (b, cache.max_len))
             # The barrier keeps XLA from constant-folding the attention over a cache made
             # inside the same jit (all-empty: a slow fold of [B, K, G, T, S] at compile time).
-            mask = attention_mask(q_index + at, segment_ids, k_index,
-                                  jax.lax.optimization_barrier(segments), cfg.sliding_window)
+            if given is None:
+                mask = attention_mask(q_index + at, segment_ids, k_index,
+                                      jax.lax.optimization_barrier(segments),
+                                      cfg.sliding_window)
             kv = (cache.k, cache.v, at)
         x = self.embedder(tokens).astype(cfg.compute_dtype)
         if cfg.scan_layers:

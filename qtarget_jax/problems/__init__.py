@@ -7,11 +7,12 @@ from qtarget_jax.problems.accuracy import solve
 from qtarget_jax.problems.answers import (Scored, extract_answer, gold_answer, normalize_answer,
                                           score)
 from qtarget_jax.problems.examples import EvalExample, load_examples
-from qtarget_jax.problems.probes import (RefLogprobs, answer_spans, answer_token_accuracy,
-                                         kl_from_reference, kl_rows, memorisation, preference,
-                                         reference_logprobs, token_accuracy, token_char_spans)
+from qtarget_jax.problems.probes import (EpochProbes, RefLogprobs, answer_spans,
+                                         answer_token_accuracy, kl_from_reference, kl_rows,
+                                         memorisation, preference, reference_logprobs,
+                                         token_accuracy, token_char_spans)
 
-__all__ = ["EvalExample", "RefLogprobs", "Scored", "answer_spans", "answer_token_accuracy",
-           "extract_answer", "gold_answer", "kl_from_reference", "kl_rows", "load_examples",
-           "memorisation", "normalize_answer", "preference", "reference_logprobs", "score",
-           "solve", "token_accuracy", "token_char_spans"]
+__all__ = ["EpochProbes", "EvalExample", "RefLogprobs", "Scored", "answer_spans",
+           "answer_token_accuracy", "extract_answer", "gold_answer", "kl_from_reference",
+           "kl_rows", "load_examples", "memorisation", "normalize_answer", "preference",
+           "reference_logprobs", "score", "solve", "token_accuracy", "token_char_spans"]

@@ -6,6 +6,8 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
                                                         # {"memorisation", "memorisation_n"}
     ref = reference_logprobs(ref_model, tokenizer, prompts, responses)
     kl_from_reference(model, ref)                       # {"kl_ref", "kl_ref_tokens"}
+    per_epoch = EpochProbes(tokenizer, examples, pairs, ref)
+    per_epoch(model)                                    # all of the above, one forward
 
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
@@ -19,6 +21,13 @@ Cost: one compile per probe and batch size. Each call pads all its batches to on
 one count K of read positions (the largest of the call), so repeated calls with the same sets
 never retrace. A row stops at the last position the probe reads (the forward is causal, so
 the tokens after it cannot change the logits read): memorisation reads one position per row.
+
+`EpochProbes` (the experiment's per-epoch metrics) prepares the three probes' rows once and
+packs them (`pack_rows`): the prefix all rows share (the chat template's system prompt and
+user header) runs once into a KV cache, the rest of every row goes end to end into a few
+sequences with segment ids (no padding to the longest row), each token attending to the
+prefix and causally to its own row; one compiled program runs the forward, the LM head at
+the read positions and all three reductions.
 """
 from __future__ import annotations
 
@@ -35,6 +44,8 @@ from flax import nnx
 
 from qtarget_jax.data.chat import tokenize_conversation
 from qtarget_jax.data.records import Conversation, Message
+from qtarget_jax.models.cache import KVCache
+from qtarget_jax.models.layers import attention_mask
 from qtarget_jax.problems.examples import EvalExample
 
 PAD_MULTIPLE = 16   # row width (and gathered-row count) rounded up to this: few distinct shapes
@@ -212,27 +223,11 @@ def _kl_sum(logits, ref_logp, valid) -> jax.Array:
 # Model-level probes.
 
 
-def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExample],
-                          *, batch_size: int = 16) -> dict[str, float]:
-    """Teacher-forced greedy accuracy on the answer tokens of the reference solutions.
-
-    Each example's prompt + reference is tokenised with the chat template as in training; the
-    reference tokens (the supervised ones) are decoded and `answer_spans` is applied to that
-    text (the reference itself for a lossless tokenizer); a reference token counts when its
-    character span (`token_char_spans`) overlaps an answer span, and is a hit when the argmax of
-    the logits at the position before it is that token.
-
-    Args:
-      model: a Decoder, `model(tokens [B, T] int32, positions, segment_ids) -> [B, T, V]`.
-      examples: `EvalExample`s with a reference.
-      batch_size: rows per forward (the last batch is padded to the same size).
-    Returns:
-      {"answer_token_acc": hits / answer tokens, "answer_tokens": count} as floats.
-    Raises:
-      ValueError: no examples, an example without a reference, or a reference without answer
-        tokens (naming the example id).
-    """
-    _check_batch_size(batch_size)
+def _accuracy_rows(tokenizer: Any, examples: Sequence[EvalExample]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """answer_token_accuracy's rows: per example, the input ids [n] int32 (prompt + reference
+    cut after the last answer token's input) and labels [n] int32 (label[t] = ids[t + 1] where
+    token t + 1 is an answer token, else -1). Raises its ValueErrors."""
     if not examples:
         raise ValueError("answer_token_accuracy: no examples")
     inputs, labels = [], []
@@ -255,6 +250,61 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
         label[np.asarray(answer) - 1] = ids[np.asarray(answer)]
         inputs.append(ids[:end])
         labels.append(label)
+    return inputs, labels
+
+
+def _memorisation_rows(tokenizer: Any, pairs: Sequence[tuple[str, Any, str, str]]
+                       ) -> tuple[list[np.ndarray], list[int], list[int], list[int]]:
+    """memorisation's rows: per pair, the input ids [j] int32 of the shown sequence up to its
+    first corrupted token j (exclusive), the read position j - 1, the shown and the clean token
+    ids at j. Raises its ValueErrors."""
+    if not pairs:
+        raise ValueError("memorisation: no pairs")
+    inputs, where_at, shown_tok, clean_tok = [], [], [], []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 4:
+            raise ValueError(f"memorisation: pairs[{k}] must be (id, prompt, shown, clean), "
+                             f"got {pair!r:.120}")
+        pid, prompt, shown, clean = pair
+        where = f"pair {pid!r}"
+        ids_s, _ = tokenize_conversation(tokenizer, _conversation(prompt, shown, where), where)
+        ids_c, _ = tokenize_conversation(tokenizer, _conversation(prompt, clean, where), where)
+        n = min(len(ids_s), len(ids_c))
+        diff = np.flatnonzero(ids_s[:n] != ids_c[:n])
+        if diff.size == 0:
+            kind = "identical" if len(ids_s) == len(ids_c) else "differ only in length"
+            raise ValueError(f"memorisation: {where}: shown and clean token ids are {kind}; "
+                             "no corrupted position")
+        j = int(diff[0])
+        inputs.append(ids_s[:j])                              # read at j - 1 only
+        where_at.append(j - 1)
+        shown_tok.append(int(ids_s[j]))
+        clean_tok.append(int(ids_c[j]))
+    return inputs, where_at, shown_tok, clean_tok
+
+
+def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExample],
+                          *, batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced greedy accuracy on the answer tokens of the reference solutions.
+
+    Each example's prompt + reference is tokenised with the chat template as in training; the
+    reference tokens (the supervised ones) are decoded and `answer_spans` is applied to that
+    text (the reference itself for a lossless tokenizer); a reference token counts when its
+    character span (`token_char_spans`) overlaps an answer span, and is a hit when the argmax of
+    the logits at the position before it is that token.
+
+    Args:
+      model: a Decoder, `model(tokens [B, T] int32, positions, segment_ids) -> [B, T, V]`.
+      examples: `EvalExample`s with a reference.
+      batch_size: rows per forward (the last batch is padded to the same size).
+    Returns:
+      {"answer_token_acc": hits / answer tokens, "answer_tokens": count} as floats.
+    Raises:
+      ValueError: no examples, an example without a reference, or a reference without answer
+        tokens (naming the example id).
+    """
+    _check_batch_size(batch_size)
+    inputs, labels = _accuracy_rows(tokenizer, examples)
     graphdef, state = nnx.split(model)
     bsz = min(batch_size, len(inputs))
     width = _round_up(max(len(r) for r in inputs))    # one [B, W] and one K for the call
@@ -295,28 +345,7 @@ def memorisation(model: nnx.Module, tokenizer: Any,
         common position (identical, or one a prefix of the other), naming the id.
     """
     _check_batch_size(batch_size)
-    if not pairs:
-        raise ValueError("memorisation: no pairs")
-    inputs, where_at, shown_tok, clean_tok = [], [], [], []
-    for k, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 4:
-            raise ValueError(f"memorisation: pairs[{k}] must be (id, prompt, shown, clean), "
-                             f"got {pair!r:.120}")
-        pid, prompt, shown, clean = pair
-        where = f"pair {pid!r}"
-        ids_s, _ = tokenize_conversation(tokenizer, _conversation(prompt, shown, where), where)
-        ids_c, _ = tokenize_conversation(tokenizer, _conversation(prompt, clean, where), where)
-        n = min(len(ids_s), len(ids_c))
-        diff = np.flatnonzero(ids_s[:n] != ids_c[:n])
-        if diff.size == 0:
-            kind = "identical" if len(ids_s) == len(ids_c) else "differ only in length"
-            raise ValueError(f"memorisation: {where}: shown and clean token ids are {kind}; "
-                             "no corrupted position")
-        j = int(diff[0])
-        inputs.append(ids_s[:j])                              # read at j - 1 only
-        where_at.append(j - 1)
-        shown_tok.append(int(ids_s[j]))
-        clean_tok.append(int(ids_c[j]))
+    inputs, where_at, shown_tok, clean_tok = _memorisation_rows(tokenizer, pairs)
     graphdef, state = nnx.split(model)
     bsz = min(batch_size, len(inputs))
     width = _round_up(max(len(r) for r in inputs))    # one [B, W] for the call
@@ -442,3 +471,215 @@ def kl_from_reference(model: nnx.Module, ref: RefLogprobs) -> dict[str, float]:
         logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
         total += float(_kl_sum(logits, rows, valid))
     return {"kl_ref": total / ref.num_tokens, "kl_ref_tokens": float(ref.num_tokens)}
+
+
+# ---------------------------------------------------------------------------------------------
+# All three probes as one packed forward (the experiment's per-epoch metrics).
+
+PACK_WIDTH = 256    # packed sequence width: short rows share a sequence (segment ids)
+
+
+def _common_prefix(rows: Sequence[np.ndarray]) -> int:
+    """Length of the longest token prefix shared by all `rows` (1-D int arrays)."""
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        diff = np.flatnonzero(np.asarray(r[:n]) != np.asarray(rows[0][:n]))
+        n = int(diff[0]) if diff.size else n
+    return n
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedRows:
+    """Rows with the positions read from each, packed for one forward.
+
+    prefix: [P] int32, the tokens every row starts with (computed once; P may be 0).
+    tokens, positions, segment_ids: [B, T] int32, each row's tokens after the prefix laid end
+      to end in the B sequences (segment 1, 2, ... per row within a sequence, 0 = pad), with
+      positions P, P + 1, ... as in the unpacked row.
+    flat: [K] int32 indices into the [B * T] slots, one per read position, in the order of the
+      rows given and each row's reads in the order given.
+    """
+    prefix: np.ndarray
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    flat: np.ndarray
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the forward runs: P + B * T."""
+        return len(self.prefix) + self.tokens.size
+
+
+def pack_rows(rows: Sequence[np.ndarray], reads: Sequence[np.ndarray],
+              width: int = PACK_WIDTH) -> PackedRows:
+    """Packs token rows (1-D int32) whose logits are read at `reads` (per row, 1-D int
+    positions into it). The longest prefix common to all rows, cut before the first read of
+    any row, becomes `prefix`; the rest of each row goes into sequences of width
+    max(`width`, longest rest rounded up to PAD_MULTIPLE), first fit by decreasing length.
+    A causal model with the prefix visible to every segment gives each read position the same
+    logits as the unpacked row (up to float rounding)."""
+    if not rows or len(rows) != len(reads):
+        raise ValueError(f"pack_rows: {len(rows)} rows and {len(reads)} read lists")
+    reads = [np.asarray(r, np.int64) for r in reads]
+    for i, (row, r) in enumerate(zip(rows, reads)):
+        if r.size == 0 or r.min() < 0 or r.max() >= len(row):
+            raise ValueError(f"pack_rows: row {i} (length {len(row)}) reads {r.tolist()[:8]}")
+    p = min(_common_prefix(rows), min(int(r.min()) for r in reads))
+    rests = [np.asarray(row[p:], np.int32) for row in rows]
+    width = max(width, _round_up(max(len(r) for r in rests)))
+    bins: list[list[int]] = []          # row indices per sequence
+    room: list[int] = []
+    for i in sorted(range(len(rests)), key=lambda i: -len(rests[i])):
+        j = next((j for j, free in enumerate(room) if free >= len(rests[i])), None)
+        if j is None:
+            bins.append([])
+            room.append(width)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= len(rests[i])
+    shape = (len(bins), width)
+    tokens, positions, segments = (np.zeros(shape, np.int32) for _ in range(3))
+    start = np.zeros(len(rests), np.int64)      # flat slot of each row's first token
+    for b, members in enumerate(bins):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            n = len(rests[i])
+            tokens[b, at:at + n] = rests[i]
+            positions[b, at:at + n] = p + np.arange(n)
+            segments[b, at:at + n] = seg
+            start[i] = b * width + at
+            at += n
+    flat = np.concatenate([start[i] + reads[i] - p for i in range(len(rows))]).astype(np.int32)
+    return PackedRows(np.asarray(rows[0][:p], np.int32), tokens, positions, segments, flat)
+
+
+def _packed_hidden(model: nnx.Module, prefix, tokens, positions, segment_ids) -> jax.Array:
+    """Final-normed hidden states [B, T, D] of packed rows (prefix [P] int32; tokens,
+    positions, segment_ids [B, T] int32, see `PackedRows`): the prefix runs once, alone, into
+    a KV cache; every non-pad token then attends to all prefix slots and causally to its own
+    segment."""
+    b, t = tokens.shape
+    p = prefix.shape[0]
+    window = model.cfg.sliding_window
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    own = attention_mask(slots, segment_ids, slots, segment_ids, window)        # [B, T, T]
+    if p == 0:
+        return model(tokens, positions, segment_ids, return_hidden=True, mask=own)
+    pre_pos = jnp.arange(p, dtype=jnp.int32)[None]
+    cache = model.init_cache(1, p, jnp.float32)    # float32: the keys read back unrounded
+    _, cache = model(prefix[None], pre_pos, jnp.ones((1, p), jnp.int32), return_hidden=True,
+                     cache=cache)
+    def grow(c):   # [1, K, P, Dh] -> [B, K, P + T, Dh]: the prefix in every row, T empty slots
+        return jnp.concatenate([jnp.broadcast_to(c, (b,) + c.shape[1:]),
+                                jnp.zeros((b, c.shape[1], t, c.shape[3]), c.dtype)], axis=2)
+
+    cache = KVCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
+                    segment_ids=jnp.concatenate([jnp.ones((b, p), jnp.int32),
+                                                 jnp.zeros((b, t), jnp.int32)], axis=1),
+                    index=jnp.asarray(p, jnp.int32))
+    see_prefix = jnp.broadcast_to((segment_ids != 0)[:, :, None], (b, t, p))
+    if window is not None:
+        see_prefix &= positions[:, :, None] - pre_pos[:, None, :] < window
+    mask = jnp.concatenate([see_prefix, own], axis=-1)                       # [B, T, P + T]
+    hidden, _ = model(tokens, positions, segment_ids, return_hidden=True, cache=cache,
+                      mask=mask)
+    return hidden
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k_acc", "k_mem"))
+def _epoch_metrics(graphdef: Any, state: Any, prefix, tokens, positions, segment_ids, flat,
+                   labels, shown, clean, ref_logp, *, k_acc: int, k_mem: int):
+    """The one compiled program of `EpochProbes`: the packed forward, the LM head at the K
+    read slots `flat` [K] int32 only, then each probe's reduction on its slice of the reads
+    (accuracy [:k_acc], memorisation [k_acc:k_acc + k_mem], KL the rest). labels [k_acc],
+    shown and clean [k_mem] int32; ref_logp [K - k_acc - k_mem, V] float32.
+    Returns float32 scalars (answer hits, memorised rows, summed KL)."""
+    model = nnx.merge(graphdef, state)
+    hidden = _packed_hidden(model, prefix, tokens, positions, segment_ids)
+    logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[flat]).astype(jnp.float32)
+    acc, mem, kl = logits[:k_acc], logits[k_acc:k_acc + k_mem], logits[k_acc + k_mem:]
+    hits = token_accuracy(acc[None], labels[None], jnp.ones((1, k_acc), bool))[0]
+    memorised = preference(mem[:, None], jnp.zeros(k_mem, jnp.int32), shown,
+                           clean).sum().astype(jnp.float32)
+    kl_sum = kl_rows(ref_logp, jax.nn.log_softmax(kl, axis=-1)).sum()
+    return hits, memorised, kl_sum
+
+
+class EpochProbes:
+    """`answer_token_accuracy`, `memorisation` and `kl_from_reference` on fixed inputs,
+    prepared once (tokenised, packed with `pack_rows`) and run as one compiled forward per
+    call: the rows of all three share packed sequences, their common chat prefix (the system
+    prompt and user header) runs once, and the LM head runs at the read positions only.
+    The metrics are the three functions' (same rows, labels, read positions and reductions);
+    only the float rounding of the forward differs (other shapes, the prefix computed apart).
+
+        probes = EpochProbes(tokenizer, examples, pairs, ref)   # any of the three may be None
+        probes(model)   # {"answer_token_acc", "answer_tokens", "memorisation",
+                        #  "memorisation_n", "kl_ref", "kl_ref_tokens"} (of those given)
+    """
+
+    def __init__(self, tokenizer: Any, examples: Sequence[EvalExample] | None = None,
+                 pairs: Sequence[tuple[str, Any, str, str]] | None = None,
+                 reference: RefLogprobs | None = None, *, width: int = PACK_WIDTH):
+        """examples: as answer_token_accuracy's; pairs: as memorisation's; reference: from
+        reference_logprobs; width: packed sequence width (see pack_rows). Raises the three
+        functions' ValueErrors, and one when all three are None."""
+        rows, reads = [], []
+        self.n_acc = self.n_mem = self.n_kl = 0
+        labels = shown = clean = np.zeros(0, np.int32)
+        if examples is not None:
+            inputs, labs = _accuracy_rows(tokenizer, examples)
+            for ids, lab in zip(inputs, labs):
+                rows.append(ids)
+                reads.append(np.flatnonzero(lab >= 0))
+            labels = np.concatenate([lab[lab >= 0] for lab in labs]).astype(np.int32)
+            self.n_acc = len(labels)
+        if pairs is not None:
+            inputs, where_at, shown_tok, clean_tok = _memorisation_rows(tokenizer, pairs)
+            rows += inputs
+            reads += [np.asarray([w]) for w in where_at]
+            shown, clean = np.asarray(shown_tok, np.int32), np.asarray(clean_tok, np.int32)
+            self.n_mem = len(inputs)
+        if reference is not None:
+            masked = sum(int(m.sum()) for m in reference.response_masks)
+            if masked != reference.num_tokens:
+                raise ValueError(f"EpochProbes: the response masks mark {masked} positions but "
+                                 f"logp has {reference.num_tokens} rows")
+            for tokens, segments, resp in zip(reference.tokens, reference.segment_ids,
+                                              reference.response_masks):
+                for r in range(tokens.shape[0]):
+                    n = int((segments[r] != 0).sum())
+                    if n:
+                        rows.append(tokens[r, :n])
+                        reads.append(np.flatnonzero(resp[r, :n]))
+            self.n_kl = reference.num_tokens
+        if not rows:
+            raise ValueError("EpochProbes: no examples, pairs or reference")
+        self.packed = pack_rows(rows, reads, width)
+        self.vocab = None if reference is None else int(reference.logp.shape[1])
+        ref_logp = (np.zeros((0, 1), np.float32) if reference is None
+                    else np.asarray(reference.logp, np.float32))
+        self._args = tuple(jnp.asarray(a) for a in (
+            self.packed.prefix, self.packed.tokens, self.packed.positions,
+            self.packed.segment_ids, self.packed.flat, labels, shown, clean, ref_logp))
+
+    def __call__(self, model: nnx.Module) -> dict[str, float]:
+        """The probes' metrics of `model` (a Decoder; for KL with the reference's vocabulary)
+        as floats, in the order accuracy, memorisation, KL."""
+        if self.vocab is not None and model.cfg.vocab_size != self.vocab:
+            raise ValueError(f"kl_from_reference: model vocabulary {model.cfg.vocab_size} != "
+                             f"reference {self.vocab}")
+        graphdef, state = nnx.split(model)
+        hits, memorised, kl_sum = _epoch_metrics(graphdef, state, *self._args,
+                                                 k_acc=self.n_acc, k_mem=self.n_mem)
+        out = {}
+        if self.n_acc:
+            out.update(answer_token_acc=float(hits) / self.n_acc,
+                       answer_tokens=float(self.n_acc))
+        if self.n_mem:
+            out.update(memorisation=float(memorised) / self.n_mem,
+                       memorisation_n=float(self.n_mem))
+        if self.n_kl:
+            out.update(kl_ref=float(kl_sum) / self.n_kl, kl_ref_tokens=float(self.n_kl))
+        return out

@@ -349,3 +349,95 @@ def test_each_probe_call_compiles_the_forward_at_most_once(tiny_model, tokenizer
     kl_from_reference(_perturbed(tiny_model), ref)
     kl_from_reference(tiny_model, ref)
     assert probes._logits_at._cache_size() == size
+
+
+# ---------------------------------------------------------------------------------------------
+# EpochProbes: the three probes packed into one forward (the experiment's per-epoch path) give
+# the values of the three functions above, which the numpy checks above pin down.
+
+
+def test_pack_rows_keeps_every_row_and_read():
+    rng = np.random.default_rng(0)
+    prefix = [7, 8, 9, 10]
+    rows = [np.asarray(prefix + list(rng.integers(20, 99, n)), np.int32) for n in (3, 11, 5, 9, 2)]
+    reads = [np.asarray([len(r) - 1]) for r in rows]
+    reads[1] = np.asarray([5, 4, 12])                        # any order, kept
+    packed = probes.pack_rows(rows, reads, width=16)
+    assert packed.prefix.tolist() == prefix
+    assert packed.tokens.shape == (2, 16)                    # 11 + 5 | 9 + 3 + 2: first fit
+    flat_tokens = packed.tokens.reshape(-1)
+    assert flat_tokens[packed.flat].tolist() == [int(r[i]) for r, rd in zip(rows, reads)
+                                                 for i in rd]
+    assert packed.positions.reshape(-1)[packed.flat].tolist() == [int(i) for rd in reads
+                                                                  for i in rd]
+    seen = []
+    for b in range(packed.tokens.shape[0]):                  # each row whole in one segment
+        for s in set(packed.segment_ids[b].tolist()) - {0}:
+            at = packed.segment_ids[b] == s
+            seen.append(prefix + packed.tokens[b, at].tolist())
+            assert packed.positions[b, at].tolist() == list(range(4, 4 + int(at.sum())))
+    assert sorted(seen) == sorted(r.tolist() for r in rows)
+    assert probes.pack_rows(rows, [np.asarray([2])] + reads[1:]).prefix.tolist() == [7, 8]
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model, tokenizer):
+    return reference_logprobs(tiny_model, tokenizer, PROMPTS, RESPONSES, batch_size=2)
+
+
+def _separate(model, tokenizer, ref):
+    return {**answer_token_accuracy(model, tokenizer, _examples(), batch_size=2),
+            **memorisation(model, tokenizer, PAIRS, batch_size=3),
+            **kl_from_reference(model, ref)}
+
+
+@pytest.mark.parametrize("width", [256, 16])     # one packed sequence, several
+def test_epoch_probes_equal_the_three_probes(plain_model, tiny_model, tokenizer, ref, width):
+    """Accuracy and memorisation (argmax and logit comparisons, no tie within 1e-4 here) are
+    equal exactly; KL to rel 1e-5: both are float32 sums of the same terms whose logits differ
+    by rounding only (packed shapes, the prefix computed apart; ~1e-6 relative on this model)."""
+    ep = probes.EpochProbes(tokenizer, _examples(), PAIRS, ref, width=width)
+    assert len(ep.packed.prefix) > 0
+    for model in (plain_model, tiny_model, _perturbed(tiny_model)):
+        want, got = _separate(model, tokenizer, ref), ep(model)
+        assert list(got) == list(want)
+        kl_want, kl_got = want.pop("kl_ref"), got.pop("kl_ref")
+        assert got == want
+        assert kl_got == pytest.approx(kl_want, rel=1e-5, abs=1e-6)
+    assert ep(tiny_model)["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < ep(plain_model)["answer_token_acc"] < 1
+    assert 0 < ep(plain_model)["memorisation"] < 1
+
+
+def test_epoch_probes_with_a_sliding_window(tokenizer):
+    """A window shorter than the rows: the prefix is hidden from late tokens as in the
+    unpacked rows (a window the prefix ignored would change the logits)."""
+    from conftest import TINY
+    from qtarget_jax.models import ModelConfig
+    model = Decoder(ModelConfig(**{**TINY, "sliding_window": 6}), rngs=nnx.Rngs(1))
+    ref = reference_logprobs(model, tokenizer, PROMPTS, RESPONSES, batch_size=2)
+    other = _perturbed(model)
+    ep = probes.EpochProbes(tokenizer, _examples(), PAIRS, ref)
+    assert len(ep.packed.prefix) > 0
+    want, got = _separate(other, tokenizer, ref), ep(other)
+    assert got.pop("kl_ref") == pytest.approx(want.pop("kl_ref"), rel=1e-5)
+    assert got == want
+
+
+def test_epoch_probes_subsets_compile_once_and_check_input(tiny_model, tokenizer, ref):
+    ep = probes.EpochProbes(tokenizer, pairs=PAIRS)
+    assert ep(tiny_model) == memorisation(tiny_model, tokenizer, PAIRS)
+    only_kl = probes.EpochProbes(tokenizer, reference=ref)
+    assert list(only_kl(tiny_model)) == ["kl_ref", "kl_ref_tokens"]
+    size = probes._epoch_metrics._cache_size()
+    only_kl(_perturbed(tiny_model))                         # new weights, same program
+    assert probes._epoch_metrics._cache_size() == size
+    with pytest.raises(ValueError, match="no examples, pairs or reference"):
+        probes.EpochProbes(tokenizer)
+    with pytest.raises(ValueError, match="'same'.*identical"):
+        probes.EpochProbes(tokenizer, pairs=[("same", "Q", "#### 4", "#### 4")])
+    from conftest import TINY
+    from qtarget_jax.models import ModelConfig
+    big = Decoder(ModelConfig(**{**TINY, "vocab_size": 256}), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vocabulary 256 != reference 128"):
+        only_kl(big)

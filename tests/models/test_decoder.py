@@ -163,6 +163,31 @@ def test_cache_equals_full_forward(family, scan):
     assert int(cache.index) == T
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_explicit_mask_replaces_the_built_one(scan):
+    """mask=: the built mask passed explicitly gives the same logits bitwise; a mask that also
+    lets segment 2 see segment 1 (a shared prefix) changes segment 2 only; wrong shapes are
+    refused (with a cache the mask spans its slots)."""
+    from qtarget_jax.models.layers import attention_mask
+    cfg = tiny_config("mistral_window", scan_layers=scan)
+    model = random_model(cfg)
+    tokens = _tokens(cfg, b=1)
+    segs = jnp.asarray([[1] * 4 + [2] * (T - 4)], jnp.int32)
+    slots = jnp.arange(T, dtype=jnp.int32)[None]
+    built = attention_mask(slots, segs, slots, segs, cfg.sliding_window)
+    run = nnx.jit(lambda m, t, s, k: m(t, segment_ids=s, mask=k))
+    base = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, segs)
+    np.testing.assert_array_equal(run(model, tokens, segs, built), base)
+    shared = built | ((segs[:, :, None] == 2) & (segs[:, None, :] == 1) & (slots[:, None] < 2))
+    got = run(model, tokens, segs, shared)
+    np.testing.assert_array_equal(got[:, :4], base[:, :4])
+    assert not np.allclose(got[:, 4:6], base[:, 4:6])
+    with pytest.raises(ValueError, match=r"mask shape \(1, 10, 9\) != \(1, 10, 10\)"):
+        model(tokens, mask=built[:, :, :-1])
+    with pytest.raises(ValueError, match=r"mask shape \(1, 10, 10\) != \(1, 10, 12\)"):
+        model(tokens, slots, cache=model.init_cache(1, T + 2), mask=built)
+
+
 def test_cache_errors():
     cfg = tiny_config("smollm2_tied")
     model = random_model(cfg)
