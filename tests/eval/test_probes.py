@@ -17,9 +17,10 @@ from qtarget_jax.data import synthetic
 from qtarget_jax.data.chat import tokenize_conversation
 from qtarget_jax.data.records import Message
 from qtarget_jax.models import Decoder
-from qtarget_jax.problems import (EvalExample, answer_spans, answer_token_accuracy,
-                                  kl_from_reference, kl_rows, memorisation, preference,
-                                  reference_logprobs, token_accuracy, token_char_spans)
+from qtarget_jax.problems import (EvalExample, answer_batches, answer_hits, answer_logits,
+                                  answer_spans, answer_token_accuracy, kl_from_reference,
+                                  kl_rows, memorisation, preference, reference_logprobs,
+                                  target_mass, token_accuracy, token_char_spans)
 from qtarget_jax.problems import probes
 
 
@@ -221,6 +222,42 @@ def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="'none'.*no reference"):
         answer_token_accuracy(tiny_model, tokenizer,
                               [EvalExample("none", [{"role": "user", "content": "Q"}], None, "0")])
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
+    """gamma = p_y, Q(y) = p_y + (1 - p_y) pi_tilde(y) with pi_tilde ∝ p^(1-eta) t^eta, and
+    the teacher's p(y), averaged over the answer tokens found by answer_token_accuracy."""
+    from qtarget_jax.targets import get_preset
+    student, teacher = plain_model, tiny_model
+    p_y, q_y, t_y = [], [], []
+    for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
+        ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
+        start = int(np.flatnonzero(mask)[0])
+        logp = _log_softmax(_full_logits(student, ids[:-1]))
+        logt = _log_softmax(_full_logits(teacher, ids[:-1]))
+        for i in answer_chars:
+            pos, y = start + i - 1, ids[start + i]
+            pi = np.exp((1 - eta) * logp[pos] + eta * logt[pos])
+            pi /= pi.sum()
+            p = np.exp(logp[pos, y])
+            p_y.append(p)
+            q_y.append(p + (1 - p) * pi[y])
+            t_y.append(np.exp(logt[pos, y]))
+    batches = answer_batches(tokenizer, _examples(), batch_size=2)
+    logits = answer_logits(student, batches)
+    got = target_mass(batches, logits, get_preset("target_sft", eta=eta),
+                      answer_logits(teacher, batches))
+    np.testing.assert_allclose([got["gamma"], got["p_y"], got["q_y"], got["teacher_p_y"]],
+                               [np.mean(p_y), np.mean(p_y), np.mean(q_y), np.mean(t_y)],
+                               rtol=1e-4)
+    assert answer_hits(batches, logits) == answer_token_accuracy(student, tokenizer,
+                                                                 _examples(), batch_size=2)
+    sft = target_mass(batches, logits, "sft")          # SFT trusts the label fully
+    assert sft["gamma"] == pytest.approx(1.0) and sft["q_y"] == pytest.approx(1.0)
+    assert "teacher_p_y" not in sft
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        target_mass(batches, logits, "target_sft")
 
 
 PAIRS = [("p0", "Q0", "5 + 3 = 9\n#### 9", "5 + 3 = 8\n#### 8"),
