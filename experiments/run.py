@@ -476,6 +476,7 @@ class Evaluator:
         from qtarget_jax.targets import spec_from_dict
         got = probes.target_mass(self.new_batches, logits, spec_from_dict(dict(method.target)),
                                  self.answer_logits.get(method.teacher))
+        got["residual_y"] = got["q_y"] - got["gamma"]    # (1 - gamma) pi_tilde(y)
         return {f"new_{k}": v for k, v in got.items()}
 
     def final(self, model, seed: int, out_prefix: str | None) -> dict[str, float]:
