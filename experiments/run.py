@@ -428,8 +428,8 @@ class Evaluator:
         self.skill = eval_examples(read_jsonl(paths["skill_test"]))
         self.new = (eval_examples(read_jsonl(paths["new_test"])) if "new_test" in paths
                     else None)
-        self.new_batches = self.new and probes.answer_batches(
-            tokenizer, self.new, batch_size=exp.eval.batch_size)
+        self.new_batches = (None if self.new is None else probes.answer_batches(
+            tokenizer, self.new, batch_size=exp.eval.batch_size))
         self.answer_logits: dict[str, list] = {}   # teacher name -> logits at new answers
         offtask = read_jsonl(exp.offtask_prompts)
         prompts = [r["messages"] for r in offtask]
