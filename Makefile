@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast train data experiment experiment-quick plan clean
+.PHONY: venv test test-fast train data experiment experiment-learn experiment-quick plan clean
 
 SYNTH := data/tfds/jsonl_sft/synth_easy/1.0.0
 TRAIN_RUN := runs/smollm2_target_sft
@@ -49,6 +49,14 @@ train: data
 experiment: venv
 	$(PY) experiments/run.py --config experiments/regime.yaml
 	$(PY) experiments/report.py experiments/runs/regime
+
+# The experiment's second question (experiments/README.md, "learn.yaml"): B0 as above, set B
+# teaches 4-5-operation problems, the teacher T+ is gated (15 points over B0); 2 conditions
+# (noise 0% and 20%) x 6 methods x 3 seeds after one shared stage 0 (cached in
+# experiments/cache/learn). Re-running resumes the finished runs of the same config.
+experiment-learn: venv
+	$(PY) experiments/run.py --config experiments/learn.yaml
+	$(PY) experiments/report.py experiments/runs/learn
 
 # The "new skill from scratch" quick mode: 9 methods x 3 seeds from SmolLM2 as shipped.
 experiment-quick: venv

@@ -174,9 +174,10 @@ def extract_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def draw_problems(n: int, seed: int, ops: Sequence[int] = DEFAULT_OPS) -> list[Problem]:
+def draw_problems(n: int, seed: int | str, ops: Sequence[int] = DEFAULT_OPS) -> list[Problem]:
     """``n`` distinct problems of ``ops`` operations drawn from ``Random(seed)`` in a fixed order
-    (a longer draw extends a shorter one)."""
+    (a longer draw extends a shorter one); a string seed names a stream of its own
+    (``f"{seed}-new"``), as the row streams of `write_problems` do."""
     check_ops(ops)
     rng = random.Random(seed)
     seen, problems = set(), []

@@ -8,6 +8,11 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
     kl_from_reference(model, ref)                       # {"kl_ref", "kl_ref_tokens"}
     per_epoch = EpochProbes(tokenizer, examples, pairs, ref)
     per_epoch(model)                                    # all of the above, one forward
+    batches = answer_batches(tokenizer, examples)       # answer positions, batched once
+    logits = answer_logits(model, batches)              # one forward, read by both below
+    answer_hits(batches, logits)                        # = answer_token_accuracy
+    target_mass(batches, logits, spec, answer_logits(teacher, batches))
+                                                        # {"gamma", "p_y", "q_y", "teacher_p_y"}
 
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
@@ -47,6 +52,7 @@ from qtarget_jax.data.records import Conversation, Message
 from qtarget_jax.models.cache import KVCache
 from qtarget_jax.models.layers import attention_mask
 from qtarget_jax.problems.examples import EvalExample
+from qtarget_jax.targets import IGNORE_INDEX, get_preset, per_token_qtarget, qtarget_distribution
 
 PAD_MULTIPLE = 16   # row width (and gathered-row count) rounded up to this: few distinct shapes
 
@@ -283,6 +289,73 @@ def _memorisation_rows(tokenizer: Any, pairs: Sequence[tuple[str, Any, str, str]
     return inputs, where_at, shown_tok, clean_tok
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class AnswerBatches:
+    """The answer-token positions of reference solutions, batched once for repeated probes.
+
+    tokens, positions, segment_ids: per batch, [B, W] int32 (right-padded, segment 0 = pad; one
+      W for all batches). flat: per batch, [K] int32 flat positions in [B * W] whose next token
+      is an answer token (one K for all batches, padded with 0). valid: per batch, [K] bool.
+      labels: per batch, [K] int32, the answer token read at each flat position (0 at padding).
+    """
+    tokens: tuple[np.ndarray, ...]
+    positions: tuple[np.ndarray, ...]
+    segment_ids: tuple[np.ndarray, ...]
+    flat: tuple[np.ndarray, ...]
+    valid: tuple[np.ndarray, ...]
+    labels: tuple[np.ndarray, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(v.sum() for v in self.valid))
+
+
+def answer_batches(tokenizer: Any, examples: Sequence[EvalExample], *, batch_size: int = 16
+                   ) -> AnswerBatches:
+    """`AnswerBatches` of the examples' references (see `answer_token_accuracy` for which
+    tokens are answer tokens).
+
+    Raises:
+      ValueError: no examples, an example without a reference, or a reference without answer
+        tokens (naming the example id).
+    """
+    _check_batch_size(batch_size)
+    inputs, labels = _accuracy_rows(tokenizer, examples)
+    bsz = min(batch_size, len(inputs))
+    width = _round_up(max(len(r) for r in inputs))    # one [B, W] and one K for the call
+    chunks = _chunks(len(inputs), bsz)
+    k = _round_up(max(sum(int((labels[i] >= 0).sum()) for i in c) for c in chunks))
+    out: dict[str, list] = {f.name: [] for f in dataclasses.fields(AnswerBatches)}
+    for chunk in chunks:
+        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz, width)
+        lab = np.full(tokens.shape, -1, np.int32)
+        for r, i in enumerate(chunk):
+            lab[r, :len(labels[i])] = labels[i]
+        flat, valid = _flat_index(lab >= 0, k)
+        for name, arr in (("tokens", tokens), ("positions", positions),
+                          ("segment_ids", segments), ("flat", flat), ("valid", valid),
+                          ("labels", np.where(valid, lab.reshape(-1)[flat], 0))):
+            out[name].append(arr)
+    return AnswerBatches(**{name: tuple(v) for name, v in out.items()})
+
+
+def answer_logits(model: nnx.Module, batches: AnswerBatches) -> list[jax.Array]:
+    """Per batch, the model's logits [K, V] float32 at the answer positions of `batches`."""
+    graphdef, state = nnx.split(model)
+    return [_logits_at(graphdef, state, t, p, s, f) for t, p, s, f in
+            zip(batches.tokens, batches.positions, batches.segment_ids, batches.flat)]
+
+
+def answer_hits(batches: AnswerBatches, logits: Sequence[jax.Array]) -> dict[str, float]:
+    """{"answer_token_acc", "answer_tokens"} of `answer_logits` on `batches`."""
+    correct = total = 0.0
+    for lab, valid, z in zip(batches.labels, batches.valid, logits):
+        c, t = token_accuracy(z[None], jnp.asarray(lab)[None], jnp.asarray(valid)[None])
+        correct += float(c)
+        total += float(t)
+    return {"answer_token_acc": correct / total, "answer_tokens": total}
+
+
 def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[EvalExample],
                           *, batch_size: int = 16) -> dict[str, float]:
     """Teacher-forced greedy accuracy on the answer tokens of the reference solutions.
@@ -303,26 +376,53 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
       ValueError: no examples, an example without a reference, or a reference without answer
         tokens (naming the example id).
     """
-    _check_batch_size(batch_size)
-    inputs, labels = _accuracy_rows(tokenizer, examples)
-    graphdef, state = nnx.split(model)
-    bsz = min(batch_size, len(inputs))
-    width = _round_up(max(len(r) for r in inputs))    # one [B, W] and one K for the call
-    chunks = _chunks(len(inputs), bsz)
-    k = _round_up(max(sum(int((labels[i] >= 0).sum()) for i in c) for c in chunks))
-    correct = total = 0.0
-    for chunk in chunks:
-        tokens, positions, segments = _right_pad([inputs[i] for i in chunk], bsz, width)
-        lab = np.full(tokens.shape, -1, np.int32)
-        for r, i in enumerate(chunk):
-            lab[r, :len(labels[i])] = labels[i]
-        flat, valid = _flat_index(lab >= 0, k)
-        logits = _logits_at(graphdef, state, tokens, positions, segments, flat)
-        c, t = token_accuracy(logits[None], jnp.asarray(lab.reshape(-1)[flat])[None],
-                              jnp.asarray(valid)[None])
-        correct += float(c)
-        total += float(t)
-    return {"answer_token_acc": correct / total, "answer_tokens": total}
+    batches = answer_batches(tokenizer, examples, batch_size=batch_size)
+    return answer_hits(batches, answer_logits(model, batches))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _target_sums(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.Array]:
+    """Sums over valid rows [K] of gamma, p_y, Q(y) and the teacher's p(y) (0 without one)
+    under `spec`, from logits [K, V], labels [K] and teacher_logits [K, V] or None."""
+    labels = jnp.where(valid, labels, IGNORE_INDEX)
+    per = per_token_qtarget(logits, labels, spec, teacher_logits=teacher_logits, valid=valid)
+    q = qtarget_distribution(logits, labels, spec, teacher_logits=teacher_logits)
+    index = jnp.where(valid, labels, 0)[:, None]
+    q_y = jnp.take_along_axis(q, index, axis=-1)[:, 0]
+    t_y = (jnp.zeros_like(q_y) if teacher_logits is None else
+           jnp.take_along_axis(jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1),
+                               index, axis=-1)[:, 0])
+    total = lambda x: jnp.where(valid, x, 0.0).sum()
+    return {"gamma": total(per["gamma"]), "p_y": total(per["p_y"]), "q_y": total(q_y),
+            "teacher_p_y": total(t_y)}
+
+
+def target_mass(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
+                teacher_logits: Sequence[jax.Array] | None = None) -> dict[str, float]:
+    """Where the Q-target of `spec` puts its mass at the answer tokens of `batches`: means over
+    those tokens of gamma (the label's trust), p_y (the model's probability of the label),
+    Q(y) = gamma + (1 - gamma) pi_tilde(y), and the teacher's probability of the label.
+    (1 - gamma) is the mass of the residual term, Q(y) - gamma its share on the label.
+
+    Args:
+      batches: from `answer_batches`; logits: `answer_logits` of the model on them.
+      spec: a TargetSpec or preset name; teacher_logits: `answer_logits` of the teacher
+        (when spec.needs_teacher).
+    Returns:
+      {"gamma", "p_y", "q_y", "teacher_p_y" (with a teacher only)} as floats.
+    """
+    spec = get_preset(spec) if isinstance(spec, str) else spec
+    if spec.needs_teacher and teacher_logits is None:
+        raise ValueError(f"target_mass: preset {spec.name!r} needs teacher_logits")
+    teachers = teacher_logits if spec.needs_teacher else [None] * len(logits)
+    sums: dict[str, float] = {}
+    for lab, valid, z, t in zip(batches.labels, batches.valid, logits, teachers):
+        got = _target_sums(z, jnp.asarray(lab), jnp.asarray(valid), t, spec)
+        for name, v in got.items():
+            sums[name] = sums.get(name, 0.0) + float(v)
+    if not spec.needs_teacher:
+        del sums["teacher_p_y"]
+    return {name: v / batches.num_tokens for name, v in sums.items()}
 
 
 def memorisation(model: nnx.Module, tokenizer: Any,

@@ -19,6 +19,12 @@ TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_siz
 
 
 @pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    """The tiny decoder's ModelConfig fields (a copy: tests override some)."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
 

@@ -17,9 +17,10 @@ from qtarget_jax.data import synthetic
 from qtarget_jax.data.chat import tokenize_conversation
 from qtarget_jax.data.records import Message
 from qtarget_jax.models import Decoder
-from qtarget_jax.problems import (EvalExample, answer_spans, answer_token_accuracy,
-                                  kl_from_reference, kl_rows, memorisation, preference,
-                                  reference_logprobs, token_accuracy, token_char_spans)
+from qtarget_jax.problems import (EvalExample, answer_batches, answer_hits, answer_logits,
+                                  answer_spans, answer_token_accuracy, kl_from_reference,
+                                  kl_rows, memorisation, preference, reference_logprobs,
+                                  target_mass, token_accuracy, token_char_spans)
 from qtarget_jax.problems import probes
 
 
@@ -223,6 +224,42 @@ def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
                               [EvalExample("none", [{"role": "user", "content": "Q"}], None, "0")])
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
+    """gamma = p_y, Q(y) = p_y + (1 - p_y) pi_tilde(y) with pi_tilde ∝ p^(1-eta) t^eta, and
+    the teacher's p(y), averaged over the answer tokens found by answer_token_accuracy."""
+    from qtarget_jax.targets import get_preset
+    student, teacher = plain_model, tiny_model
+    p_y, q_y, t_y = [], [], []
+    for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
+        ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
+        start = int(np.flatnonzero(mask)[0])
+        logp = _log_softmax(_full_logits(student, ids[:-1]))
+        logt = _log_softmax(_full_logits(teacher, ids[:-1]))
+        for i in answer_chars:
+            pos, y = start + i - 1, ids[start + i]
+            pi = np.exp((1 - eta) * logp[pos] + eta * logt[pos])
+            pi /= pi.sum()
+            p = np.exp(logp[pos, y])
+            p_y.append(p)
+            q_y.append(p + (1 - p) * pi[y])
+            t_y.append(np.exp(logt[pos, y]))
+    batches = answer_batches(tokenizer, _examples(), batch_size=2)
+    logits = answer_logits(student, batches)
+    got = target_mass(batches, logits, get_preset("target_sft", eta=eta),
+                      answer_logits(teacher, batches))
+    np.testing.assert_allclose([got["gamma"], got["p_y"], got["q_y"], got["teacher_p_y"]],
+                               [np.mean(p_y), np.mean(p_y), np.mean(q_y), np.mean(t_y)],
+                               rtol=1e-4)
+    assert answer_hits(batches, logits) == answer_token_accuracy(student, tokenizer,
+                                                                 _examples(), batch_size=2)
+    sft = target_mass(batches, logits, "sft")          # SFT trusts the label fully
+    assert sft["gamma"] == pytest.approx(1.0) and sft["q_y"] == pytest.approx(1.0)
+    assert "teacher_p_y" not in sft
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        target_mass(batches, logits, "target_sft")
+
+
 PAIRS = [("p0", "Q0", "5 + 3 = 9\n#### 9", "5 + 3 = 8\n#### 8"),
          ("p1", "Q1 more", "2 * 3 = 6\n#### 7", "2 * 3 = 6\n#### 6"),
          ("p2", "Q2", "#### 13", "#### 12"),
@@ -409,12 +446,11 @@ def test_epoch_probes_equal_the_three_probes(plain_model, tiny_model, tokenizer,
     assert 0 < ep(plain_model)["memorisation"] < 1
 
 
-def test_epoch_probes_with_a_sliding_window(tokenizer):
+def test_epoch_probes_with_a_sliding_window(tokenizer, tiny_config):
     """A window shorter than the rows: the prefix is hidden from late tokens as in the
     unpacked rows (a window the prefix ignored would change the logits)."""
-    from conftest import TINY
     from qtarget_jax.models import ModelConfig
-    model = Decoder(ModelConfig(**{**TINY, "sliding_window": 6}), rngs=nnx.Rngs(1))
+    model = Decoder(ModelConfig(**{**tiny_config, "sliding_window": 6}), rngs=nnx.Rngs(1))
     ref = reference_logprobs(model, tokenizer, PROMPTS, RESPONSES, batch_size=2)
     other = _perturbed(model)
     ep = probes.EpochProbes(tokenizer, _examples(), PAIRS, ref)
@@ -424,7 +460,8 @@ def test_epoch_probes_with_a_sliding_window(tokenizer):
     assert got == want
 
 
-def test_epoch_probes_subsets_compile_once_and_check_input(tiny_model, tokenizer, ref):
+def test_epoch_probes_subsets_compile_once_and_check_input(tiny_model, tokenizer, ref,
+                                                           tiny_config):
     ep = probes.EpochProbes(tokenizer, pairs=PAIRS)
     assert ep(tiny_model) == memorisation(tiny_model, tokenizer, PAIRS)
     only_kl = probes.EpochProbes(tokenizer, reference=ref)
@@ -436,8 +473,7 @@ def test_epoch_probes_subsets_compile_once_and_check_input(tiny_model, tokenizer
         probes.EpochProbes(tokenizer)
     with pytest.raises(ValueError, match="'same'.*identical"):
         probes.EpochProbes(tokenizer, pairs=[("same", "Q", "#### 4", "#### 4")])
-    from conftest import TINY
     from qtarget_jax.models import ModelConfig
-    big = Decoder(ModelConfig(**{**TINY, "vocab_size": 256}), rngs=nnx.Rngs(0))
+    big = Decoder(ModelConfig(**{**tiny_config, "vocab_size": 256}), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="vocabulary 256 != reference 128"):
         only_kl(big)
