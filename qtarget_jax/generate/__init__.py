@@ -6,6 +6,6 @@ from qtarget_jax.generate.decode import (Generation, Prompt, decode, forward_one
 from qtarget_jax.generate.sampling import (SamplingConfig, argmax_last, inverse_cdf, row_keys,
                                            sample_logits)
 
-__all__ = ["Generation", "Prompt", "SamplingConfig", "argmax_last", "decode", "forward_one", "generate",
-           "generate_many", "inverse_cdf", "left_pad", "prefill", "prompt_ids", "row_keys",
-           "sample_logits"]
+__all__ = ["Generation", "Prompt", "SamplingConfig", "argmax_last", "decode", "forward_one",
+           "generate", "generate_many", "inverse_cdf", "left_pad", "prefill", "prompt_ids",
+           "row_keys", "sample_logits"]
