@@ -149,6 +149,11 @@ class Decoder(nnx.Module):
             mask = attention_mask(q_index + at, segment_ids, k_index,
                                   jax.lax.optimization_barrier(segments), cfg.sliding_window)
             kv = (cache.k, cache.v, at, None)
+            # sin/cos through an exact identity dot, which XLA cannot fuse: computed once per
+            # call instead of inside every layer's RoPE fusions (one per q/k layout per layer).
+            eye = jnp.eye(sin.shape[-1], dtype=sin.dtype)
+            sin, cos = (jnp.einsum("btf,fg->btg", a, eye, precision="highest")
+                        for a in (sin, cos))
             if cache.prefix is not None:  # slots [0, Sp) before the rows' own: offset by Sp
                 pre = cache.prefix
                 p_rows, sp = pre.segment_ids.shape
