@@ -16,7 +16,8 @@ How it runs:
      `lax.while_loop` of one-token steps over the model's KVCache; a row is finished at an EOS
      id, the loop ends when all rows are finished or after `max_new_tokens`.
      `generate_many` decodes each prompt several times (greedy + k samples) from one prefill:
-     the cache is copied per continuation, so the prompt is not recomputed.
+     the prompt's keys/values become a shared prefix of the cache (models/cache.py,
+     SharedPrefix), read once per prompt per step, not copied per continuation.
   4. Stop strings are applied on the host to the decoded text (the text is cut before the first
      stop string, finish_reason "stop"); the device loop only knows EOS ids.
 
@@ -38,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from qtarget_jax.generate.sampling import SamplingConfig, row_keys, sample_logits
 from qtarget_jax.logical_axes import logical_to_spec
+from qtarget_jax.models.cache import with_shared_prefix
 
 Prompt = str | list[dict[str, str]]  # a user message, or a chat (list of role/content dicts)
 
@@ -113,8 +115,9 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     """Prefill + token-by-token decoding over the model's KV cache, under one jit.
 
     Each prompt is prefilled once and decoded R = len(temperatures) times (for example one
-    greedy and k sampled continuations): after the prefill the cache and last logits are
-    repeated R times, so output row i * R + r is prompt i decoded at temperatures[r].
+    greedy and k sampled continuations): the prompts' cache becomes the shared prefix of a
+    cache of B * R rows (`with_shared_prefix`) and the last logits are repeated R times, so
+    output row i * R + r is prompt i decoded at temperatures[r].
 
     Args:
       graphdef, state: `nnx.split(model)` (graphdef static).
@@ -129,17 +132,17 @@ def decode(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
     """
     b = tokens.shape[0]
     reps = len(temperatures)
-    logits, cache = prefill(nnx.merge(graphdef, state), tokens, positions, segment_ids,
-                            max_new_tokens, cache_dtype)
+    # The prompts' cache (P slots) becomes the decode cache's shared prefix: each prompt's keys
+    # are stored and read once for its R rows, which own only max_new_tokens slots each.
+    logits, prompts = prefill(nnx.merge(graphdef, state), tokens, positions, segment_ids, 0,
+                              cache_dtype)
+    cache = with_shared_prefix(prompts, reps, max_new_tokens)
     next_pos = positions[:, -1] + 1                         # [B] per-row real length
     if len(set(temperatures)) == 1:
         temperature = float(temperatures[0])                # one static temperature
     else:                                                   # row i*R + r: temperatures[r]
         temperature = jnp.tile(jnp.asarray(temperatures, jnp.float32), b)
     if reps > 1:                                            # rows i*R + r share prompt i
-        cache = dataclasses.replace(cache, k=_repeat_rows(cache.k, reps, 0),
-                                    v=_repeat_rows(cache.v, reps, 0),
-                                    segment_ids=_repeat_rows(cache.segment_ids, reps, 0))
         logits, next_pos = _repeat_rows((logits, next_pos), reps, 0)
         b = b * reps
     eos = jnp.asarray(eos_ids, jnp.int32)

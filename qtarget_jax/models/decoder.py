@@ -160,7 +160,27 @@ class Decoder(nnx.Module):
                 mask = attention_mask(q_index + at, segment_ids, k_index,
                                       jax.lax.optimization_barrier(segments),
                                       cfg.sliding_window)
-            kv = (cache.k, cache.v, at)
+            kv = (cache.k, cache.v, at, None)
+            # sin/cos through an exact identity dot, which XLA cannot fuse: computed once per
+            # call instead of inside every layer's RoPE fusions (one per q/k layout per layer).
+            eye = jnp.eye(sin.shape[-1], dtype=sin.dtype)
+            sin, cos = (jnp.einsum("btf,fg->btg", a, eye, precision="highest")
+                        for a in (sin, cos))
+            if cache.prefix is not None:  # slots [0, Sp) before the rows' own: offset by Sp
+                if given is not None:
+                    raise ValueError("Decoder: an explicit mask covers the cache's own slots "
+                                     "only; a cache with a shared prefix builds its masks")
+                pre = cache.prefix
+                p_rows, sp = pre.segment_ids.shape
+                if b % p_rows:
+                    raise ValueError(f"Decoder: {b} cache rows are not a multiple of the "
+                                     f"{p_rows} prompts of the shared prefix")
+                pre_segments = jnp.repeat(pre.segment_ids, b // p_rows, axis=0)    # [B, Sp]
+                pre_index = jnp.broadcast_to(jnp.arange(sp, dtype=jnp.int32), (b, sp))
+                pre_mask = attention_mask(q_index + at + sp, segment_ids, pre_index,
+                                          jax.lax.optimization_barrier(pre_segments),
+                                          cfg.sliding_window)                     # [B, T, Sp]
+                kv = (cache.k, cache.v, at, (pre.k, pre.v, pre_mask))
         x = self.embedder(tokens).astype(cfg.compute_dtype)
         if cfg.scan_layers:
             x, new_kv = self._scan_layers(x, sin, cos, mask, kv)
@@ -171,7 +191,7 @@ class Decoder(nnx.Module):
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], segment_ids=segments,
-                            index=cache.index + t)
+                            index=cache.index + t, prefix=cache.prefix)
 
     def _block_fn(self):
         """Block application, rematerialised per layer when cfg.remat_policy != "none"."""
@@ -184,11 +204,16 @@ class Decoder(nnx.Module):
 
     def _loop_layers(self, x, sin, cos, mask, kv):
         """Unrolled layers. x [B, T, D]; mask [B, T, T], or [B, T, S] with kv = the cache's
-        (k, v) (L arrays [B, K, S, Dh] each) and its write slot -> (x, the updated (k, v))."""
+        (k, v) (L arrays [B, K, Dh, S] and [B, K, S, Dh]), its write slot and None or the shared
+        prefix (k, v: L arrays [P, K, Dh, Sp] and [P, K, Sp, Dh], mask [B, T, Sp])
+        -> (x, the updated (k, v))."""
         apply = self._block_fn()
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i], kv[2])
+            layer_kv = None
+            if kv is not None:
+                pre = None if kv[3] is None else (kv[3][0][i], kv[3][1][i], kv[3][2])
+                layer_kv = (kv[0][i], kv[1][i], kv[2], pre)
             x, out_kv = apply(block, x, sin, cos, mask, layer_kv)
             if out_kv is not None:
                 new_k.append(out_kv[0])
@@ -202,14 +227,21 @@ class Decoder(nnx.Module):
         cache is stacked to [L, ...] for the scan and split back: a copy per call)."""
         apply = self._block_fn()
         at = None if kv is None else kv[2]
+        pre_mask = None if kv is None or kv[3] is None else kv[3][2]
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def body(x, block, layer_kv):
-            full_kv = None if layer_kv is None else (*layer_kv, at)
+            full_kv = None
+            if layer_kv is not None:
+                k, v, pk, pv = layer_kv
+                full_kv = (k, v, at, None if pk is None else (pk, pv, pre_mask))
             return apply(block, x, sin, cos, mask, full_kv)
 
-        stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
+        stacked = None
+        if kv is not None:
+            pre = (None, None) if kv[3] is None else (jnp.stack(kv[3][0]), jnp.stack(kv[3][1]))
+            stacked = (jnp.stack(kv[0]), jnp.stack(kv[1]), *pre)
         x, new_kv = body(x, self.layers, stacked)
         if kv is None:
             return x, None

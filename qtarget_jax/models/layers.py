@@ -111,10 +111,13 @@ def attention_mask(q_index: jax.Array, q_segment: jax.Array, k_index: jax.Array,
 
 
 def _attend(q_BKGTH: jax.Array, keys: list[jax.Array], values: list[jax.Array],
-            masks: list[jax.Array], *, layouts: tuple[str, ...], dtype: jnp.dtype) -> jax.Array:
+            masks: list[jax.Array], *, layouts: tuple[str, ...], dtype: jnp.dtype,
+            key_layouts: tuple[str, ...] | None = None) -> jax.Array:
     """Softmax attention of q [B, K, G, T, Dh] over the concatenated key parts.
 
     keys / values: per part [B, K, S_i, Dh] (layout "bksh") or [B, S_i, K, Dh] ("bskh");
+    keys may instead be [B, K, Dh, S_i] ("bkhs", the KV cache's key layout) where
+    `key_layouts` says so (default: the same layouts as the values).
     masks: per part [B, T, S_i] bool. Scores and probabilities are float32 [B, K, G, T, S].
     Returns [B, K, G, T, Dh] in `dtype`. The caller wraps it in jax.checkpoint: the backward
     recomputes the scores from q, k, v (one [T, S] matmul per head) instead of keeping three
@@ -123,11 +126,12 @@ def _attend(q_BKGTH: jax.Array, keys: list[jax.Array], values: list[jax.Array],
     dh = q_BKGTH.shape[-1]
     # A finite minimum (not -inf): a query with no visible key (padding) gets a uniform
     # softmax instead of NaN.
+    key_layouts = layouts if key_layouts is None else key_layouts
     logits = jnp.concatenate([
         jnp.where(m[:, None, None], jnp.einsum(f"bkgth,{lay}->bkgts", q_BKGTH, kk,
                                                preferred_element_type=jnp.float32)
                   * (dh ** -0.5), jnp.finfo(jnp.float32).min)
-        for kk, m, lay in zip(keys, masks, layouts)], axis=-1)
+        for kk, m, lay in zip(keys, masks, key_layouts)], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     outs, start = [], 0
     for vv, lay in zip(values, layouts):  # probs over [cache slots | this call's tokens]
@@ -135,6 +139,38 @@ def _attend(q_BKGTH: jax.Array, keys: list[jax.Array], values: list[jax.Array],
         outs.append(jnp.einsum(f"bkgts,{lay}->bkgth", probs[..., start:start + width], vv))
         start += width
     return sum(outs[1:], outs[0])
+
+
+def _attend_shared(q_BKGTH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array,
+                   pk_PKHS: jax.Array, pv_PKSH: jax.Array, pmask_BTS: jax.Array, *,
+                   dtype: jnp.dtype) -> jax.Array:
+    """Softmax attention of q [B, K, G, T, Dh] over a shared prefix, then the rows' own slots.
+
+    pk [P, K, Dh, Sp], pv [P, K, Sp, Dh]: the prefix of P prompts, each continued by the
+    R = B / P consecutive rows of q (models/cache.py SharedPrefix); pmask [B, T, Sp] bool.
+    k [B, K, Dh, S], v [B, K, S, Dh], mask [B, T, S]: each row's own slots.
+    The prefix is read once per prompt: its matmuls take the R rows' queries together
+    ([P, K, R*G*T, Dh]). One softmax over [prefix | own] in float32, as `_attend` does over
+    concatenated parts. Returns [B, K, G, T, Dh] in `dtype`.
+    """
+    b, kh, g, t, dh = q_BKGTH.shape
+    p, sp = pk_PKHS.shape[0], pk_PKHS.shape[-1]
+    r = b // p
+    scale, low = dh ** -0.5, jnp.finfo(jnp.float32).min
+    q_PKMH = q_BKGTH.reshape(p, r, kh, g, t, dh).transpose(0, 2, 1, 3, 4, 5).reshape(
+        p, kh, r * g * t, dh)
+    pre = jnp.einsum("pkmh,pkhs->pkms", q_PKMH, pk_PKHS, preferred_element_type=jnp.float32)
+    pre = pre.reshape(p, kh, r, g, t, sp).transpose(0, 2, 1, 3, 4, 5).reshape(b, kh, g, t, sp)
+    own = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
+    logits = jnp.concatenate([jnp.where(pmask_BTS[:, None, None], pre * scale, low),
+                              jnp.where(mask_BTS[:, None, None], own * scale, low)], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    p_pre = probs[..., :sp].reshape(p, r, kh, g, t, sp).transpose(0, 2, 1, 3, 4, 5).reshape(
+        p, kh, r * g * t, sp)
+    out_pre = jnp.einsum("pkms,pksh->pkmh", p_pre, pv_PKSH)
+    out_pre = out_pre.reshape(p, kh, r, g, t, dh).transpose(0, 2, 1, 3, 4, 5).reshape(
+        b, kh, g, t, dh)
+    return out_pre + jnp.einsum("bkgts,bksh->bkgth", probs[..., sp:], v_BKSH)
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -178,15 +214,18 @@ class Attention(nnx.Module):
         return out
 
     def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 kv: tuple | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] (compute dtype); sin, cos [B, T, Dh/2]; mask [B, T, T] bool among this
         call's tokens (without kv).
 
-        kv: None, or (k_cache [B, K, S, Dh], v_cache [B, K, S, Dh], index int32[]): this call's
-        keys/values are written into the cache at slots [index, index + T) first, then the
-        queries attend over the whole cache where `mask_BTT` (then [B, T, S]) allows: written
-        then read, so a cache carried through a decode loop is updated in place.
+        kv: None, or (k_cache [B, K, Dh, S], v_cache [B, K, S, Dh], index int32[], prefix):
+        this call's keys/values are written into the cache at slots [index, index + T) first,
+        then the queries attend over the whole cache where `mask_BTT` (then [B, T, S]) allows:
+        written then read, so a cache carried through a decode loop is updated in place.
+        prefix: None, or a shared prefix attended before the cache, (k [P, K, Dh, Sp],
+        v [P, K, Sp, Dh], mask [B, T, Sp] bool) for P prompts of B / P rows each
+        (models/cache.py SharedPrefix); a 3-tuple kv means no prefix.
         Returns (y [B, T, D], the updated (k_cache, v_cache), or None).
         """
         q = self._project(x_BTD, self.q_proj, self.q_bias if self.use_bias else None)
@@ -208,19 +247,33 @@ class Attention(nnx.Module):
         k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         new_kv = None
         parts = [(k_BKTH, v_BKTH, mask_BTT, "bksh")]
+        key_layouts = ("bksh",)
+        prefix = None
         if kv is not None:
-            k_cache, v_cache, at = kv
+            k_cache, v_cache, at = kv[:3]
+            prefix = kv[3] if len(kv) > 3 else None
             zero = jnp.zeros((), jnp.int32)
-            new_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype),
-                                                        (zero, zero, at, zero))
-                           for c, new in ((k_cache, k_BKTH), (v_cache, v_BKTH)))
+            # Keys are stored transposed, [B, K, Dh, S] (models/cache.py): slots last.
+            new_kv = (jax.lax.dynamic_update_slice(
+                          k_cache, k_BKTH.transpose(0, 1, 3, 2).astype(k_cache.dtype),
+                          (zero, zero, zero, at)),
+                      jax.lax.dynamic_update_slice(v_cache, v_BKTH.astype(v_cache.dtype),
+                                                   (zero, zero, at, zero)))
             # Read back in the cache dtype, as a later step will read these keys.
             cd = self.compute_dtype
             parts = [(new_kv[0].astype(cd), new_kv[1].astype(cd), mask_BTT, "bksh")]
+            key_layouts = ("bkhs",)
         layouts = tuple(lay for *_, lay in parts)
-        out = jax.checkpoint(functools.partial(_attend, layouts=layouts,
-                                               dtype=self.compute_dtype))(
-            q_BKGTH, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+        if prefix is not None:
+            cd = self.compute_dtype
+            out = jax.checkpoint(functools.partial(_attend_shared, dtype=cd))(
+                q_BKGTH, parts[0][0], parts[0][1], mask_BTT, prefix[0].astype(cd),
+                prefix[1].astype(cd), prefix[2])
+        else:
+            out = jax.checkpoint(functools.partial(_attend, layouts=layouts,
+                                                   key_layouts=key_layouts,
+                                                   dtype=self.compute_dtype))(
+                q_BKGTH, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
         out = out.reshape(b, h, t, dh).transpose(0, 2, 1, 3)            # [B, T, N, Dh]
         y = jnp.einsum("bthk,hkd->btd", out,
                        self.o_proj[...].astype(self.compute_dtype))
@@ -266,7 +319,7 @@ class Block(nnx.Module):
                        compute_dtype=dt, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, sin: jax.Array, cos: jax.Array, mask_BTT: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                 kv: tuple | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Same arguments and results as Attention.__call__."""
         y, new_kv = self.attn(self.attn_norm(x_BTD), sin, cos, mask_BTT, kv)

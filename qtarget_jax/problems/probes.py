@@ -670,11 +670,12 @@ def _packed_hidden(model: nnx.Module, prefix, tokens, positions, segment_ids) ->
     cache = model.init_cache(1, p, jnp.float32)    # float32: the keys read back unrounded
     _, cache = model(prefix[None], pre_pos, jnp.ones((1, p), jnp.int32), return_hidden=True,
                      cache=cache)
-    def grow(c):   # [1, K, P, Dh] -> [B, K, P + T, Dh]: the prefix in every row, T empty slots
-        return jnp.concatenate([jnp.broadcast_to(c, (b,) + c.shape[1:]),
-                                jnp.zeros((b, c.shape[1], t, c.shape[3]), c.dtype)], axis=2)
+    def grow(c, axis):   # the prefix's P slots in every row, then T empty slots on `axis`
+        rows = jnp.broadcast_to(c, (b,) + c.shape[1:])            # k [1, K, Dh, P], v [1, K, P, Dh]
+        empty = rows.shape[:axis] + (t,) + rows.shape[axis + 1:]
+        return jnp.concatenate([rows, jnp.zeros(empty, c.dtype)], axis=axis)
 
-    cache = KVCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
+    cache = KVCache(k=tuple(grow(k, 3) for k in cache.k), v=tuple(grow(v, 2) for v in cache.v),
                     segment_ids=jnp.concatenate([jnp.ones((b, p), jnp.int32),
                                                  jnp.zeros((b, t), jnp.int32)], axis=1),
                     index=jnp.asarray(p, jnp.int32))

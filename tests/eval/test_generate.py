@@ -187,6 +187,27 @@ def test_inverse_cdf_follows_the_weights_and_never_draws_a_zero():
                                [0.1, 0.2, 0.3, 0.4], atol=2e-3)
 
 
+@pytest.mark.parametrize("v", [1, 7, 256, 600, 49152])
+def test_argmax_last_equals_jnp_argmax(v):
+    """Two-level argmax == jnp.argmax (first index on ties; -inf rows), and the row maximum,
+    for vocabularies that are not a multiple of the block (padded) and one block."""
+    from qtarget_jax.generate import argmax_last
+    rng = np.random.default_rng(v)
+    x = rng.standard_normal((9, v)).astype(np.float32)
+    x[1] = 0.0                                            # all tied: index 0
+    x[2] = -np.inf                                        # all -inf: index 0
+    x[3, v // 2:] = np.round(x[3, v // 2:])               # ties inside and across blocks
+    x[3, -1] = x[3, v // 3] = 9.0
+    x[4, v - 1] = 50.0                                    # the max in the padded last block
+    x[5, :] = -np.inf
+    x[5, v // 3] = -1e30                                  # one finite entry among -inf
+    x[6] = np.round(rng.standard_normal(v))               # many ties
+    got, top = argmax_last(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(top), x.max(-1))
+
+
 def test_a_rows_sample_does_not_depend_on_the_batching(tiny_model, tokenizer):
     """Keys per row (prompt index, continuation index): the same samples in one batch of 4
     prompts, in batches of 3 (+ filler rows) and of 1."""

@@ -186,6 +186,45 @@ def test_explicit_mask_replaces_the_built_one(scan):
         model(tokens, mask=built[:, :, :-1])
     with pytest.raises(ValueError, match=r"mask shape \(1, 10, 10\) != \(1, 10, 12\)"):
         model(tokens, slots, cache=model.init_cache(1, T + 2), mask=built)
+    from qtarget_jax.models.cache import with_shared_prefix
+    shared_cache = with_shared_prefix(model.init_cache(1, 2), 1, T)
+    with pytest.raises(ValueError, match="explicit mask covers the cache's own slots only"):
+        model(tokens, slots, cache=shared_cache, mask=built)
+
+
+@pytest.mark.parametrize("family,scan", [("mistral_window", False), ("qwen2_bias", True)])
+def test_shared_prefix_cache_equals_full_forward(family, scan):
+    """Prompts prefilled once, each continued by R = 3 rows with different tokens through a
+    SharedPrefix cache (with_shared_prefix) == each row's whole sequence run alone, no cache;
+    with a left-padded prompt, and the sliding window reaching into the prefix."""
+    from qtarget_jax.models.cache import with_shared_prefix
+    cfg = tiny_config(family, scan_layers=scan)
+    model = random_model(cfg)
+    reps, n0, steps = 3, 7, 5
+    prompts = np.asarray(_tokens(cfg, b=2, t=n0, seed=4))
+    lengths = [n0, n0 - 2]                             # prompt 1 is left-padded by 2 slots
+    left, segs, pos = (np.zeros((2, n0), np.int32) for _ in range(3))
+    for row, n in enumerate(lengths):
+        left[row, n0 - n:], segs[row, n0 - n:] = prompts[row, :n], 1
+        pos[row, n0 - n:] = np.arange(n)
+    cont = np.asarray(_tokens(cfg, b=2 * reps, t=steps, seed=5))   # row i*R + r's own tokens
+    step = nnx.jit(lambda m, t, p, s, c: m(t, p, s, cache=c))
+    _, prompt_cache = step(model, left, pos, segs, model.init_cache(2, n0))
+    cache = with_shared_prefix(prompt_cache, reps, steps + 1)   # one own slot stays empty
+    start = np.repeat(np.asarray(lengths), reps)
+    outs = []
+    for i in range(steps):
+        logits_i, cache = step(model, cont[:, i:i + 1], (start + i)[:, None],
+                               np.ones((2 * reps, 1), np.int32), cache)
+        outs.append(logits_i)
+    got = jnp.concatenate(outs, axis=1)                # [B*R, steps, V]
+    chex.assert_tree_all_finite(got)
+    assert int(cache.index) == steps and cache.prefix.max_len == n0
+    for k in range(2 * reps):
+        n = lengths[k // reps]
+        row = np.concatenate([prompts[k // reps, :n], cont[k]])[None]
+        want = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(row))
+        chex.assert_trees_all_close(got[k], want[0, n:], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_errors():
