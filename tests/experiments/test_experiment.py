@@ -1,7 +1,6 @@
 """experiments/run.py and report.py: configs, the experiment's sets, and the whole pipeline
 (stage 0 cached, methods x seeds through qtarget_jax.train, per-epoch probes, resume, report)
 on a tiny random model."""
-import importlib.util
 import json
 import pathlib
 import re
@@ -10,32 +9,13 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from flax import nnx
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "models"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from io_helpers import make_tokenizer  # noqa: E402
+from experiment_helpers import ROOT, load_script, write_tiny_train_job  # noqa: E402
 
-from qtarget_jax.models import Decoder, ModelConfig  # noqa: E402
-from qtarget_jax.models.export import export_hf  # noqa: E402
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}",
-                                                  ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module      # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load("run")
-report = _load("report")
-
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            max_position_embeddings=512, tie_word_embeddings=True)
+run = load_script("run", "experiment")
+report = load_script("report", "experiment")
 
 
 @pytest.mark.parametrize("name", ["regime", "regime_full", "quick"])
@@ -150,23 +130,9 @@ def test_sets_are_disjoint_off_policy_and_corruptions_are_paired():
     assert [p[0] for p in pairs] == [r["id"] for r in noisy]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    model = Decoder(ModelConfig(**TINY), rngs=nnx.Rngs(0))
-    export_hf(model, model.cfg, str(folder), tokenizer=make_tokenizer())
-    return str(folder)
-
-
 @pytest.mark.slow
 def test_experiment_end_to_end_resumes_and_reports(tmp_path, tiny_folder):
-    job = tmp_path / "train.yaml"
-    job.write_text(yaml.safe_dump({
-        "model": {"name": "smollm2"},
-        "data": {"seq_len": 448, "pack": False, "batch_size": 8},   # 8 test devices
-        "optim": {"lr": 1e-2}, "schedule": {"kind": "constant"},
-        "checkpoint": {"every_steps": 0}, "eval": {"batches": 0},
-        "logging": {"progress": False, "tensorboard": False, "plot": False}}))
+    job = write_tiny_train_job(tmp_path / "train.yaml")
     out, cache = tmp_path / "out", tmp_path / "cache"
     config = dict(out_dir=str(out), cache_dir=str(cache), train_job=str(job),
                   base_source=tiny_folder,

@@ -3,35 +3,19 @@ regime.yaml: its sets leave regime's unchanged, its B0 is regime's, its conditio
 stage 0, the teacher gate refuses a weak teacher, resume and the per-condition report, on a
 tiny random model."""
 import hashlib
-import importlib.util
 import json
 import pathlib
 import sys
 
 import pytest
 import yaml
-from flax import nnx
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "models"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from io_helpers import make_tokenizer  # noqa: E402
+from experiment_helpers import ROOT, load_script, write_tiny_train_job  # noqa: E402
 
-from qtarget_jax.models import Decoder, ModelConfig  # noqa: E402
-from qtarget_jax.models.export import export_hf  # noqa: E402
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"learn_{name}",
-                                                  ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module      # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load("run")
-report = _load("report")
+run = load_script("run", "learn")
+report = load_script("report", "learn")
 
 
 def _exp(name: str, *overrides: str):
@@ -157,28 +141,9 @@ def test_learn_config_errors_name_the_key(tmp_path):
         run.load_experiment(path, ["methods=[{name: s, target: {preset: sft}}]"])
 
 
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            max_position_embeddings=512, tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    model = Decoder(ModelConfig(**TINY), rngs=nnx.Rngs(0))
-    export_hf(model, model.cfg, str(folder), tokenizer=make_tokenizer())
-    return str(folder)
-
-
 @pytest.mark.slow
 def test_learn_end_to_end_two_conditions_share_stage0(tmp_path, tiny_folder):
-    job = tmp_path / "train.yaml"
-    job.write_text(yaml.safe_dump({
-        "model": {"name": "smollm2"},
-        "data": {"seq_len": 448, "pack": False, "batch_size": 8},   # 8 test devices
-        "optim": {"lr": 1e-2}, "schedule": {"kind": "constant"},
-        "checkpoint": {"every_steps": 0}, "eval": {"batches": 0},
-        "logging": {"progress": False, "tensorboard": False, "plot": False}}))
+    job = write_tiny_train_job(tmp_path / "train.yaml")
     out, cache = tmp_path / "out", tmp_path / "cache"
     config = dict(out_dir=str(out), cache_dir=str(cache), train_job=str(job),
                   base_source=tiny_folder,
