@@ -293,8 +293,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
-        gate = adapt(self, "gate_proj", x_BTD, x_BTD @ self.gate_proj[...].astype(self.compute_dtype),
-                     self.compute_dtype)
+        gate = adapt(self, "gate_proj", x_BTD,
+                     x_BTD @ self.gate_proj[...].astype(self.compute_dtype), self.compute_dtype)
         up = adapt(self, "up_proj", x_BTD, x_BTD @ self.up_proj[...].astype(self.compute_dtype),
                    self.compute_dtype)
         hidden = jax.checkpoint(_swiglu)(gate, up)
