@@ -19,6 +19,7 @@ inside its jit). Not a test.
 Example usage:
   python benchmarks/decode_step.py                      # 200 rows, 80 + 64 slots, 8 steps
   python benchmarks/decode_step.py --steps 6 --profile
+  python benchmarks/decode_step.py --dots-only           # + a step of only its matmuls
 """
 import argparse
 import collections
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--own", type=int, default=64, help="each row's own slots")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--dots-only", action="store_true",
+                    help="also time a step of only its matmuls (the floor of this XLA's dots)")
     args = ap.parse_args()
 
     import jax
@@ -92,6 +95,8 @@ def main() -> None:
         t1, c1 = time.perf_counter(), _cpu()
         print(f"step: wall {(t1 - t0) / n * 1e3:7.1f} ms   CPU {(c1 - c0) / n * 1e3:7.1f} ms",
               flush=True)
+    if args.dots_only:
+        dots_only(cfg, p * r, n)
     if not args.profile:
         return
     trace_dir = tempfile.mkdtemp()
@@ -117,6 +122,43 @@ def main() -> None:
     print(f"{'ms per step':>12} {'ops per step':>12}  thunk kind, output")
     for key, dur in by_kind.most_common(30):
         print(f"{dur / n / 1e3:12.2f} {by_kind_n[key] / n:12.1f}  {key}")
+
+
+def dots_only(cfg, rows: int, steps: int) -> None:
+    """Times a step made of only the decode step's matmuls, chained as the model chains them:
+    per layer x [rows, D] @ q [D, H Dh], k and v [D, K Dh], o [H Dh, D], gate and up [D, F],
+    down [F, D], then the tied head x @ E^T [D, V]; float32, random weights, in a jitted
+    fori_loop of `steps`. No attention, norms, RoPE, cache or sampling: what XLA's dots alone
+    take for one step, a floor for the whole step in this library on this machine."""
+    import jax
+    import jax.numpy as jnp
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = [(d, hd), (d, kd), (d, kd), (hd, d), (d, f), (d, f), (f, d)]
+    w = [[jax.random.normal(jax.random.key(10 * i + j), s) * s[0] ** -0.5
+          for j, s in enumerate(shapes)] for i in range(cfg.num_layers)]
+    emb = jax.random.normal(jax.random.key(7), (v, d)) * d ** -0.5
+    x0 = jax.random.normal(jax.random.key(8), (rows, d))
+
+    @jax.jit
+    def run(w, emb, x):
+        def body(i, x):
+            for wq, wk, wv, wo, wg, wu, wd in w:
+                q, k, vv = x @ wq, x @ wk, x @ wv
+                x = x + (q @ wo) + 1e-3 * (k.sum(-1, keepdims=True) + vv.sum(-1, keepdims=True))
+                x = x + ((x @ wg) * (x @ wu)) @ wd
+            logits = jax.lax.dot_general(x, emb, (((1,), (1,)), ((), ())))
+            return x + 1e-6 * logits.max(-1, keepdims=True)
+        return jax.lax.fori_loop(0, steps, body, x)
+    flops = 2.0 * rows * (cfg.num_layers * sum(a * b for a, b in shapes) + d * v)
+    jax.block_until_ready(run(w, emb, x0))
+    for _ in range(2):
+        c0, t0 = _cpu(), time.perf_counter()
+        jax.block_until_ready(run(w, emb, x0))
+        t1, c1 = time.perf_counter(), _cpu()
+        print(f"dots only: wall {(t1 - t0) / steps * 1e3:7.1f} ms   CPU "
+              f"{(c1 - c0) / steps * 1e3:7.1f} ms   ({flops / 1e9:.1f} GFLOP per step, "
+              f"{flops * steps / (t1 - t0) / 1e9:.0f} GFLOP/s)", flush=True)
 
 
 if __name__ == "__main__":
