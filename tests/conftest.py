@@ -4,8 +4,18 @@ default ~/.cache/qtarget_jax/jax; `off` disables it), so a second `make test` re
 small programs it compiled the first time instead of compiling them again.
 
 The XLA flag must be set before jax initialises its backend, so it lives here, once.
+
+Under pytest-xdist (`make test` runs 2 workers on 2 cores), the reference libraries' OpenMP
+pools (PyTorch, numpy's BLAS) get one thread per worker: two workers each spinning two OpenMP
+threads on two cores only wait on each other. And the `slow` tests are handed out first, so the
+minute-long ones do not start last and leave one worker alone at the end (the order of the
+others is unchanged).
 """
 import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -22,3 +32,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 from qtarget_jax.train.compile_cache import enable_persistent_cache  # noqa: E402
 
 enable_persistent_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the tests marked `slow` first; a stable sort, so each group keeps its order."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
