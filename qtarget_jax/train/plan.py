@@ -104,7 +104,9 @@ def model_configs(cfg, student: Optional[str], teacher: Optional[str]):
     elif hasattr(ModelConfig, name):
         s = getattr(ModelConfig, name)(**changes)
     else:
-        raise ValueError(f"--student {name!r}: not a ModelConfig preset (e.g. llama3_8b)")
+        where = "--student" if student else "the config's model.name (or pass --student)"
+        raise ValueError(f"plan: {where} {name!r} is not a ModelConfig preset; presets: "
+                         f"{', '.join(model_presets())}")
     if teacher is None:
         return s, None
     changes = dict(m.teacher_config)
@@ -114,6 +116,13 @@ def model_configs(cfg, student: Optional[str], teacher: Optional[str]):
                                          "remat_policy": "none",
                                          "param_dtype": teacher_param_dtype(m)})
     return s, t
+
+
+def model_presets() -> list[str]:
+    """The names of ModelConfig's preset constructors (`ModelConfig.llama3_8b()` ...)."""
+    from qtarget_jax.models import ModelConfig
+    return sorted(n for n, v in vars(ModelConfig).items()
+                  if isinstance(v, classmethod) and not n.startswith("from_"))
 
 
 def count_params(model_cfg) -> int:
@@ -294,7 +303,11 @@ def main(argv=None) -> int:
     from qtarget_jax.config import load_config
     from qtarget_jax.train.mesh import mesh_shape
     cfg = load_config(args.config, tuple(args.overrides)).config
-    student, teacher = model_configs(cfg, args.student, args.teacher)
+    try:
+        student, teacher = model_configs(cfg, args.student, args.teacher)
+    except ValueError as e:
+        print(e)
+        return 2
     import jax
     devices = tpu_devices(args.topology) if args.topology else jax.devices()[:args.devices]
     where = (f"{args.topology} ({len(devices)} chips, TPU compiler)" if args.topology

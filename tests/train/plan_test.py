@@ -88,6 +88,17 @@ def test_a_job_too_large_for_v5e_is_refused_in_one_line(capsys):
     assert needed > 16 and "Traceback" not in out
 
 
+def test_a_model_name_that_is_no_preset_is_refused_in_one_line_with_the_presets(capsys):
+    rc, out = _plan(capsys, "--devices", "1", *JOB, "model.source=smollm2",
+                    "model.name=smollm2")
+    assert rc == 2 and "Traceback" not in out
+    line, = out.strip().splitlines()
+    assert line.startswith("plan: the config's model.name (or pass --student) 'smollm2' is not")
+    assert "smollm2_135m" in line and "llama3_8b" in line
+    rc, out = _plan(capsys, "--devices", "1", *JOB, "--student", "gpt5")
+    assert rc == 2 and out.strip().startswith("plan: --student 'gpt5' is not a ModelConfig")
+
+
 def test_without_libtpu_the_command_says_how_to_install_it(capsys, monkeypatch):
     monkeypatch.setattr(plan, "libtpu_missing", lambda: True)
     rc, out = _plan(capsys, "--topology", "v5p:2x2x1")
