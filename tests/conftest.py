@@ -21,8 +21,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # The suite compiles a few hundred small programs once each: at XLA's backend optimisation
-# level 0 (LLVM's passes off; the HLO, its fusions and the dot libraries are the same) that
-# takes about a third less time. QTARGET_JAX_TEST_XLA_OPT=full compiles as users do.
+# level 0 (LLVM's passes off; the HLO, its fusions and the dot libraries are the same) the
+# suite ran 8 min 9 s instead of 9 min 39 s here. QTARGET_JAX_TEST_XLA_OPT=full compiles as
+# users do.
 if (os.environ.get("QTARGET_JAX_TEST_XLA_OPT", "0") != "full"
         and "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]):
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
