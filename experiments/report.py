@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,20 +50,34 @@ def design(config: dict) -> tuple[tuple, tuple]:
     return (LEARN_COLUMNS, LEARN_CURVES) if config["data"].get("new") else (COLUMNS, CURVES)
 
 
-def load_runs(path: str) -> tuple[dict, list[dict], list[dict], float, bool]:
-    """(config, stage-0 model records, run records, wall seconds, finished) of the last config.
+class Records(NamedTuple):
+    """What runs.jsonl holds under its last config."""
+    config: dict
+    models: list[dict]          # stage-0 models' evaluation records (B0, T)
+    runs: list[dict]            # stage-1 run records
+    trained: dict[str, float]   # stage-0 model name -> seconds its training took
+    wall: float                 # seconds, summed over the invocations
+    finished: bool
+
+
+def load_runs(path: str) -> Records:
+    """The records of runs.jsonl's last config.
 
     A resumed experiment re-logs its finished records after a new `start` event, so records
-    are those after the last start; the wall time sums every segment under that config."""
-    config, models, runs, segments, finished = {}, [], [], [], False
+    are those after the last start; the wall time sums every segment under that config.
+    Stage-0 training is logged once, by the invocation that trained it (a resume finds its
+    models cached)."""
+    config, models, runs, trained, segments, finished = {}, [], [], {}, [], False
     with open(path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if rec["event"] == "start":
                 if rec["config"] != config:
-                    segments = []
+                    segments, trained = [], {}
                 config, models, runs, finished = rec["config"], [], [], False
                 segments.append(0.0)
+            elif rec["event"] == "stage0":
+                trained[rec["name"]] = rec["seconds"]
             elif rec["event"] == "model":
                 models.append(rec)
             elif rec["event"] == "run":
@@ -71,7 +86,7 @@ def load_runs(path: str) -> tuple[dict, list[dict], list[dict], float, bool]:
                 finished = True
             if segments and "elapsed_s" in rec:
                 segments[-1] = rec["elapsed_s"]
-    return config, models, runs, float(sum(segments)), finished
+    return Records(config, models, runs, trained, float(sum(segments)), finished)
 
 
 def _key(key: str, k: int) -> str:
@@ -135,10 +150,10 @@ def _cell(stat: dict | None, scale: float) -> str:
     if stat is None:
         return "-"
     digits = 1 if scale == 100 else 3
+    f = lambda x: f"{round(scale * x, digits) + 0.0:.{digits}f}"     # + 0.0: no "-0.000"
     if stat["n"] == 1:
-        return f"{scale * stat['mean']:.{digits}f}"
-    return (f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f} "
-            f"({scale * stat['min']:.{digits}f}-{scale * stat['max']:.{digits}f})")
+        return f(stat["mean"])
+    return f"{f(stat['mean'])} ± {f(stat['std'])} ({f(stat['min'])}-{f(stat['max'])})"
 
 
 def table(rows: list[dict], k: int, columns: tuple, teacher_name: str = "T") -> list[str]:
@@ -170,18 +185,113 @@ def mass_table(rows: list[dict], teacher_name: str) -> list[str]:
     return lines
 
 
-def learn_markdown(tables: dict, config: dict, wall: float, finished: bool) -> str:
-    """One section per condition: the results table, then the target's mass table."""
+# The three questions of the learn experiment (issue: "the answer, whatever it is"), per
+# condition. Seeds are few (3), so a difference counts only when the seed ranges separate.
+RETENTION = (("accuracy", "old-skill greedy", 100, +1), ("skill_accuracy", "2nd skill", 100, +1),
+             ("kl_ref", "KL(B0‖model)", 1, -1), ("memorisation", "memorised", 100, -1))
+
+
+def _versus(a: dict, b: dict) -> str:
+    """'above' when every seed of a is above every seed of b, 'below' for the reverse,
+    'within spread' when their min-max ranges overlap."""
+    if a["min"] > b["max"]:
+        return "above"
+    if a["max"] < b["min"]:
+        return "below"
+    return "within spread"
+
+
+def answer(rows: list[dict], config: dict, k: int) -> dict:
+    """(a)-(c) for one condition's rows (`summarize`), from the new skill's Average@k.
+
+    (a) per Target-SFT variant: mean - B0 and the variant's seed range (max - min); it ends
+        above B0 by more than the seed spread when mean - B0 > range.
+    (b) the best variant by mean Average@k against SFT and DFT: mean difference and
+        `_versus` of the seed ranges.
+    (c) the same variant's retention against SFT and DFT: old-skill and second-skill greedy
+        accuracy, KL(B0 || model) and memorisation (where measured), differences of means
+        (points; KL in nats/token) and `_versus` (for KL and memorisation lower is better:
+        'above' means better retention there too).
+    Raises KeyError when the condition lacks B0, SFT, DFT or any Target-SFT run."""
+    avg = _key("new_avg@", k)
+    by = {r["name"]: r for r in rows}
+    presets = {m["name"]: m["target"]["preset"] for m in config["methods"]}
+    variants = [n for n, p in presets.items() if p == "target_sft" and n in by]
+    if not variants:
+        raise KeyError("no Target-SFT run in this condition")
+    sft = next(n for n, p in presets.items() if p == "sft")
+    dft = next(n for n, p in presets.items() if p == "dft")
+    b0 = by["B0"][avg]["mean"]
+    out = {"metric": avg, "B0": b0, "a": {}, "b": {}, "c": {}}
+    for n in variants:
+        s = by[n][avg]
+        out["a"][n] = {"mean": s["mean"], "delta": s["mean"] - b0, "seeds": s["n"],
+                       "range": s["max"] - s["min"], "above": s["mean"] - b0 > s["max"] - s["min"]}
+    best = max(variants, key=lambda n: by[n][avg]["mean"])
+    out["best"] = best
+    for other in (sft, dft):
+        a, b = by[best][avg], by[other][avg]
+        out["b"][other] = {"delta": a["mean"] - b["mean"], "versus": _versus(a, b)}
+        out["c"][other] = {}
+        for key, _, _, sign in RETENTION:
+            if key in by[best] and key in by[other]:
+                a, b = by[best][key], by[other][key]
+                v = _versus(a, b) if sign > 0 else _versus(b, a)
+                out["c"][other][key] = {"delta": a["mean"] - b["mean"], "versus": v}
+    return out
+
+
+def answer_lines(ans: dict, k: int) -> list[str]:
+    """(a)-(c) of `answer` as three markdown bullets."""
+    pts = lambda x: f"{100 * x:+.1f}"
+    a = "; ".join(f"{n} {100 * v['mean']:.1f} ({pts(v['delta'])} vs B0, range over "
+                  f"{v['seeds']} seed{'s' * (v['seeds'] > 1)} {100 * v['range']:.1f}: "
+                  f"{'yes' if v['above'] else 'no'})" for n, v in ans["a"].items())
+    b = "; ".join(f"vs {o} {pts(v['delta'])} ({v['versus']})" for o, v in ans["b"].items())
+    c = []
+    for o, metrics in ans["c"].items():
+        parts = [f"{title} {pts(m['delta']) if scale == 100 else format(m['delta'], '+.3f')}"
+                 f" ({m['versus']})"
+                 for key, title, scale, _ in RETENTION if (m := metrics.get(key))]
+        c.append(f"vs {o}: " + ", ".join(parts))
+    return [f"- (a) above B0 (Average@{k} {100 * ans['B0']:.1f}) by more than the seed spread? {a}.",
+            f"- (b) best Target-SFT variant, {ans['best']}, on Average@{k}: {b}.",
+            f"- (c) its retention (best variant minus the other; 'above' = every seed "
+            f"retains more): {'; '.join(c)}."]
+
+
+def answers(tables: dict, config: dict) -> dict:
+    """condition -> `answer`, for the conditions that have B0, SFT, DFT and a Target-SFT
+    variant (a partial runs.jsonl may not yet)."""
+    out = {}
+    for cond, rows in tables.items():
+        try:
+            out[cond] = answer(rows, config, config["eval"]["samples"])
+        except (KeyError, StopIteration):
+            pass
+    return out
+
+
+def learn_markdown(tables: dict, rec: Records) -> str:
+    """The answers (a)-(c) per condition where they can be computed, then one section per
+    condition (the results table, the target's mass table), then what the columns are and the
+    measured cost."""
+    config = rec.config
     k, d, e = config["eval"]["samples"], config["data"], config["eval"]
     noise = {c["name"]: c["noise"] for c in config.get("conditions") or []}
+    title = lambda cond: "" if cond is None else f" {cond} (noise {noise.get(cond, d['noise'])})"
     lines = []
+    for cond, ans in answers(tables, config).items():
+        lines += [f"### Answer, condition{title(cond)}", ""] + answer_lines(ans, k) + [""]
     for cond, rows in tables.items():
-        title = "" if cond is None else f" {cond} (noise {noise.get(cond, d['noise'])})"
-        lines += [f"### Condition{title}", ""] + table(rows, k, LEARN_COLUMNS, "T+") + [""]
+        lines += [f"### Condition{title(cond)}", ""] + table(rows, k, LEARN_COLUMNS, "T+") + [""]
         lines += ["Mass of the target at the new skill's held-out answer tokens, mean over "
                   "tokens and seeds, start → end of stage 1:", ""]
         lines += mass_table(rows, "T+") + [""]
     n = d["new"]
+    runs_s = sum(r["seconds"] for r in rec.runs)
+    stage0_s = sum(rec.trained.values()) + sum(m["seconds"] for m in rec.models)
+    trained = ", ".join(f"{name} {s:.0f} s" for name, s in rec.trained.items()) or "cached"
     lines += [f"Mean ± sd over seeds (min-max). New skill: {n['n_test']} held-out problems of "
               f"{n['ops'][0]}-{n['ops'][1]} operations (one = {100 / n['n_test']:.2f} points); "
               f"greedy and Average@{k} at temperature {e['temperature']}, up to "
@@ -191,8 +301,13 @@ def learn_markdown(tables: dict, config: dict, wall: float, finished: bool) -> s
               "memorised: share of the corrupted positions of set B where the model prefers the "
               f"corrupted token. T+ = B0 + {config['teacher']['epochs']} epochs of "
               f"{n['n_teacher']} new-skill problems. Stage 1: {config['stage1']['epochs']} "
-              f"epochs of {n['n_b']} problems. Wall time: {wall / 60:.1f} min"
-              f"{'' if finished else ' (not finished)'}."]
+              f"epochs of {n['n_b']} problems.",
+              "",
+              f"Cost, as logged: stage 0 {stage0_s / 60:.1f} min (training: {trained}; "
+              f"evaluations {sum(m['seconds'] for m in rec.models):.0f} s), {len(rec.runs)} "
+              f"stage-1 runs {runs_s / 60:.1f} min ({runs_s / max(len(rec.runs), 1):.0f} s a "
+              f"run), {(stage0_s + runs_s) / 3600:.2f} h in all; wall time over the invocations "
+              f"{rec.wall / 60:.1f} min{'' if rec.finished else ' (not finished)'}."]
     return "\n".join(lines)
 
 
@@ -240,19 +355,20 @@ def plot_curves(rows: list[dict], path: str, curve_keys: tuple = CURVES, title: 
                             color=line.get_color(), alpha=0.12)
         ax.set_xlabel("epoch of set B")
         ax.set_title(title, fontsize=10)
-    axes.flat[0].legend(fontsize=7)
+    next((ax for ax in axes.flat if ax.get_lines()), axes.flat[0]).legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(out_dir: str) -> str:
-    config, models, runs, wall, finished = load_runs(os.path.join(out_dir, "runs.jsonl"))
+    rec = load_runs(os.path.join(out_dir, "runs.jsonl"))
+    config, models, runs, wall, finished = rec.config, rec.models, rec.runs, rec.wall, rec.finished
     columns, curve_keys = design(config)
     k = config["eval"]["samples"]
     tables = {c: summarize(models, runs, k, columns, curve_keys, c) for c in conditions(runs)}
     if config["data"].get("new"):
-        text = learn_markdown(tables, config, wall, finished)
+        text = learn_markdown(tables, rec)
     else:
         text = markdown(tables[None], config, wall, finished)
     summary = {"config": config, "wall_s": wall, "finished": finished}
@@ -260,6 +376,8 @@ def main(out_dir: str) -> str:
         summary["rows"] = tables[None]
     else:                      # per condition: B0 and T rows, then its methods
         summary["conditions"] = tables
+    if config["data"].get("new"):
+        summary["answers"] = answers(tables, config)
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
