@@ -53,10 +53,12 @@ experiment: venv
 # The experiment's second question (experiments/README.md, "learn.yaml"): B0 as above, set B
 # teaches 4-5-operation problems, the teacher T+ is gated (15 points over B0); 2 conditions
 # (noise 0% and 20%) x 6 methods x 3 seeds after one shared stage 0 (cached in
-# experiments/cache/learn). Re-running resumes the finished runs of the same config.
+# experiments/cache/learn). Re-running resumes the finished runs of the same config. Then the
+# table and curves, and where each target puts its mass by B0's confidence (mass.py).
 experiment-learn: venv
 	$(PY) experiments/run.py --config experiments/learn.yaml
 	$(PY) experiments/report.py experiments/runs/learn
+	$(PY) experiments/mass.py --config experiments/learn.yaml
 
 # The "new skill from scratch" quick mode: 9 methods x 3 seeds from SmolLM2 as shipped.
 experiment-quick: venv

@@ -13,6 +13,8 @@ reference solutions, memorisation of corrupted demonstrations, and KL from a ref
     answer_hits(batches, logits)                        # = answer_token_accuracy
     target_mass(batches, logits, spec, answer_logits(teacher, batches))
                                                         # {"gamma", "p_y", "q_y", "teacher_p_y"}
+    target_mass_by_confidence(batches, logits, spec, teacher_logits)
+                                                        # the same per bucket of p_y
 
 Every probe tokenises prompt + response with the chat template exactly as training does
 (`data.chat.tokenize_conversation`), right-pads rows to a width rounded up to `PAD_MULTIPLE`
@@ -381,9 +383,10 @@ def answer_token_accuracy(model: nnx.Module, tokenizer: Any, examples: Sequence[
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _target_sums(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.Array]:
-    """Sums over valid rows [K] of gamma, p_y, Q(y) and the teacher's p(y) (0 without one)
-    under `spec`, from logits [K, V], labels [K] and teacher_logits [K, V] or None."""
+def _target_tokens(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.Array]:
+    """Per row [K]: gamma, p_y, Q(y) and the teacher's p(y) (0 without one) under `spec`, from
+    logits [K, V], labels [K], valid [K] and teacher_logits [K, V] or None (invalid rows:
+    values of label 0, to be masked by the caller)."""
     labels = jnp.where(valid, labels, IGNORE_INDEX)
     per = per_token_qtarget(logits, labels, spec, teacher_logits=teacher_logits, valid=valid)
     q = qtarget_distribution(logits, labels, spec, teacher_logits=teacher_logits)
@@ -392,9 +395,13 @@ def _target_sums(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.A
     t_y = (jnp.zeros_like(q_y) if teacher_logits is None else
            jnp.take_along_axis(jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1),
                                index, axis=-1)[:, 0])
-    total = lambda x: jnp.where(valid, x, 0.0).sum()
-    return {"gamma": total(per["gamma"]), "p_y": total(per["p_y"]), "q_y": total(q_y),
-            "teacher_p_y": total(t_y)}
+    return {"gamma": per["gamma"], "p_y": per["p_y"], "q_y": q_y, "teacher_p_y": t_y}
+
+
+def _target_sums(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.Array]:
+    """Sums over valid rows [K] of `_target_tokens`."""
+    per = _target_tokens(logits, labels, valid, teacher_logits, spec)
+    return {name: jnp.where(valid, x, 0.0).sum() for name, x in per.items()}
 
 
 def target_mass(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
@@ -423,6 +430,60 @@ def target_mass(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
     if not spec.needs_teacher:
         del sums["teacher_p_y"]
     return {name: v / batches.num_tokens for name, v in sums.items()}
+
+
+def target_mass_by_confidence(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
+                              teacher_logits: Sequence[jax.Array] | None = None,
+                              edges: Sequence[float] = (0.0, 0.1, 0.5, 0.9, 1.0)
+                              ) -> list[dict[str, Any]]:
+    """`target_mass` per bucket of the model's own p_y: where the target puts its mass on the
+    tokens the model is unsure of (the ones left to learn) against the ones it knows.
+
+    Args:
+      batches, logits, spec, teacher_logits: as in `target_mass`.
+      edges: increasing bucket edges over [0, 1]; bucket i holds edges[i] <= p_y < edges[i+1],
+        the last one also p_y == edges[-1].
+    Returns:
+      per bucket {"lo", "hi", "tokens", "share" (of all answer tokens), and, for a non-empty
+      bucket (None when empty), the means "gamma", "p_y", "q_y", "teacher_p_y" (with a teacher
+      only), "pull" (Q(y) - p_y: the minus logit gradient of the label, how hard the target
+      pulls it up) and "pull_vs_sft" (sum of pull over sum of SFT's 1 - p_y in the bucket;
+      None when that is 0)}.
+    Raises:
+      ValueError: edges not increasing, or not within [0, 1]; a teacher-needing spec without
+        teacher_logits.
+    """
+    spec = get_preset(spec) if isinstance(spec, str) else spec
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 \
+            or edges[-1] > 1:
+        raise ValueError(f"target_mass_by_confidence: edges must increase within [0, 1], "
+                         f"got {edges}")
+    if spec.needs_teacher and teacher_logits is None:
+        raise ValueError(f"target_mass_by_confidence: preset {spec.name!r} needs teacher_logits")
+    teachers = teacher_logits if spec.needs_teacher else [None] * len(logits)
+    cols: dict[str, list[np.ndarray]] = {}
+    for lab, valid, z, t in zip(batches.labels, batches.valid, logits, teachers):
+        got = _target_tokens(z, jnp.asarray(lab), jnp.asarray(valid), t, spec)
+        for name, v in got.items():
+            cols.setdefault(name, []).append(np.asarray(v, np.float64)[valid])
+    per = {name: np.concatenate(v) for name, v in cols.items()}
+    p_y, total = per["p_y"], per["p_y"].size
+    which = np.clip(np.searchsorted(edges, p_y, side="right") - 1, 0, len(edges) - 2)
+    out = []
+    for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        inside = which == i
+        n = int(inside.sum())
+        row: dict[str, Any] = {"lo": lo, "hi": hi, "tokens": n, "share": n / total}
+        names = ["gamma", "p_y", "q_y"] + (["teacher_p_y"] if spec.needs_teacher else [])
+        for name in names:
+            row[name] = float(per[name][inside].mean()) if n else None
+        pull = per["q_y"][inside] - p_y[inside]
+        row["pull"] = float(pull.mean()) if n else None
+        sft_pull = float((1.0 - p_y[inside]).sum())     # 0 only if every p_y is exactly 1
+        row["pull_vs_sft"] = float(pull.sum()) / sft_pull if sft_pull > 0 else None
+        out.append(row)
+    return out
 
 
 def memorisation(model: nnx.Module, tokenizer: Any,

@@ -260,6 +260,57 @@ def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
         target_mass(batches, logits, "target_sft")
 
 
+def test_target_mass_by_confidence_matches_numpy_buckets(plain_model, tiny_model, tokenizer):
+    """Per bucket of the student's p_y: the tokens in it, and over them mean gamma, p_y, Q(y),
+    the teacher's p(y), Q(y) - p_y and its sum over SFT's sum of 1 - p_y; an empty bucket
+    has None; the buckets weighted by size give target_mass back."""
+    from qtarget_jax.targets import get_preset
+    spec = get_preset("target_sft", eta=0.5)
+    p_y, q_y, t_y = [], [], []
+    for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
+        ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
+        start = int(np.flatnonzero(mask)[0])
+        logp = _log_softmax(_full_logits(plain_model, ids[:-1]))
+        logt = _log_softmax(_full_logits(tiny_model, ids[:-1]))
+        for i in answer_chars:
+            pos, y = start + i - 1, ids[start + i]
+            pi = np.exp(0.5 * logp[pos] + 0.5 * logt[pos])
+            pi /= pi.sum()
+            p = np.exp(logp[pos, y])
+            p_y.append(p)
+            q_y.append(p + (1 - p) * pi[y])
+            t_y.append(np.exp(logt[pos, y]))
+    p_y, q_y, t_y = map(np.asarray, (p_y, q_y, t_y))
+    ranked = np.sort(p_y)                    # an edge halfway between two tokens' p_y
+    mid = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
+    edges = (0.0, mid, 0.999, 1.0)           # the last bucket is empty for this tiny model
+    assert p_y.max() < 0.999
+
+    batches = answer_batches(tokenizer, _examples(), batch_size=2)
+    logits, teacher = answer_logits(plain_model, batches), answer_logits(tiny_model, batches)
+    got = probes.target_mass_by_confidence(batches, logits, spec, teacher, edges)
+    assert [(b["lo"], b["hi"]) for b in got] == [(0.0, mid), (mid, 0.999), (0.999, 1.0)]
+    for b, inside in zip(got, (p_y < mid, (p_y >= mid) & (p_y < 0.999))):
+        assert b["tokens"] == inside.sum() > 0 and b["share"] == pytest.approx(inside.mean())
+        np.testing.assert_allclose(
+            [b["gamma"], b["p_y"], b["q_y"], b["teacher_p_y"], b["pull"], b["pull_vs_sft"]],
+            [p_y[inside].mean(), p_y[inside].mean(), q_y[inside].mean(), t_y[inside].mean(),
+             (q_y - p_y)[inside].mean(), (q_y - p_y)[inside].sum() / (1 - p_y[inside]).sum()],
+            rtol=1e-4)
+    assert got[2]["tokens"] == 0 and got[2]["q_y"] is None and got[2]["pull_vs_sft"] is None
+    whole = target_mass(batches, logits, spec, teacher)
+    for name in ("gamma", "q_y", "teacher_p_y"):
+        assert sum(b[name] * b["tokens"] for b in got[:2]) / p_y.size == \
+            pytest.approx(whole[name], rel=1e-5)
+
+    sft = probes.target_mass_by_confidence(batches, logits, "sft", edges=(0.0, 1.0))
+    assert sft[0]["pull_vs_sft"] == pytest.approx(1.0) and "teacher_p_y" not in sft[0]
+    with pytest.raises(ValueError, match=r"edges must increase within \[0, 1\], got \[0.0, 0.5, 0.5"):
+        probes.target_mass_by_confidence(batches, logits, "sft", edges=(0.0, 0.5, 0.5, 1.0))
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        probes.target_mass_by_confidence(batches, logits, spec)
+
+
 PAIRS = [("p0", "Q0", "5 + 3 = 9\n#### 9", "5 + 3 = 8\n#### 8"),
          ("p1", "Q1 more", "2 * 3 = 6\n#### 7", "2 * 3 = 6\n#### 6"),
          ("p2", "Q2", "#### 13", "#### 12"),

@@ -21,7 +21,10 @@ TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_siz
 
 
 def load_script(name: str, prefix: str):
-    """experiments/<name>.py as the module `<prefix>_<name>`."""
+    """experiments/<name>.py as the module `<prefix>_<name>`; experiments/ is on sys.path, as
+    when the script runs (a script may import another: mass.py imports run)."""
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location(f"{prefix}_{name}",
                                                   ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -16,6 +16,7 @@ from experiment_helpers import ROOT, load_script, write_tiny_train_job  # noqa: 
 
 run = load_script("run", "learn")
 report = load_script("report", "learn")
+mass = load_script("mass", "learn")
 
 
 def _exp(name: str, *overrides: str):
@@ -222,6 +223,20 @@ def test_learn_end_to_end_two_conditions_share_stage0(tmp_path, tiny_folder):
     for cond in ("clean", "noisy"):
         assert [r["name"] for r in summary["conditions"][cond]] == ["B0", "T", "sft", "tsft"]
         assert (out / f"curves_{cond}.png").stat().st_size > 1000
+
+    # mass.py: B0's answer tokens by its p(y); at the start of stage 1 each method's Q(y),
+    # weighted over the buckets, is the runner's own start-of-run Q(y).
+    mass.main(["--config", str(path), "teacher_margin=0"])
+    got = json.loads((out / "mass_by_confidence.json").read_text())
+    assert got["teachers"] == {"sft": "none", "tsft": "T"}
+    for name, buckets in got["buckets"].items():
+        assert sum(b["tokens"] for b in buckets) == b0["per_epoch"]["new_answer_tokens"]
+        start = next(e for e in runs if e["name"] == name)["epochs"][0]
+        q_y = sum(b["q_y"] * b["tokens"] for b in buckets if b["tokens"]) / sum(
+            b["tokens"] for b in buckets)
+        assert q_y == pytest.approx(start["new_q_y"], rel=1e-5)
+    assert all(b["pull_vs_sft"] in (None, pytest.approx(1.0)) for b in got["buckets"]["sft"])
+    assert "| tsft | T+ |" in (out / "mass_by_confidence.md").read_text()
 
     # A changed noise is refused at its condition's set B only, in one line.
     with pytest.raises(SystemExit, match=r"data_noisy was made by another config "
