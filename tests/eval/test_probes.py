@@ -224,12 +224,10 @@ def test_answer_token_accuracy_bad_input(tiny_model, tokenizer):
                               [EvalExample("none", [{"role": "user", "content": "Q"}], None, "0")])
 
 
-@pytest.mark.parametrize("eta", [0.5, 1.0])
-def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
-    """gamma = p_y, Q(y) = p_y + (1 - p_y) pi_tilde(y) with pi_tilde ∝ p^(1-eta) t^eta, and
-    the teacher's p(y), averaged over the answer tokens found by answer_token_accuracy."""
-    from qtarget_jax.targets import get_preset
-    student, teacher = plain_model, tiny_model
+def _numpy_target_sft(student, teacher, tokenizer, eta):
+    """Per answer token of _examples() (one row at a time, numpy): the student's p(y),
+    Target-SFT's Q(y) = p_y + (1 - p_y) pi_tilde(y) with pi_tilde ∝ p^(1-eta) t^eta, and the
+    teacher's p(y), as three [N] arrays."""
     p_y, q_y, t_y = [], [], []
     for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
         ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
@@ -244,6 +242,16 @@ def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
             p_y.append(p)
             q_y.append(p + (1 - p) * pi[y])
             t_y.append(np.exp(logt[pos, y]))
+    return np.asarray(p_y), np.asarray(q_y), np.asarray(t_y)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_target_mass_matches_numpy(plain_model, tiny_model, tokenizer, eta):
+    """gamma = p_y, Q(y) = p_y + (1 - p_y) pi_tilde(y) with pi_tilde ∝ p^(1-eta) t^eta, and
+    the teacher's p(y), averaged over the answer tokens found by answer_token_accuracy."""
+    from qtarget_jax.targets import get_preset
+    student, teacher = plain_model, tiny_model
+    p_y, q_y, t_y = _numpy_target_sft(student, teacher, tokenizer, eta)
     batches = answer_batches(tokenizer, _examples(), batch_size=2)
     logits = answer_logits(student, batches)
     got = target_mass(batches, logits, get_preset("target_sft", eta=eta),
@@ -266,21 +274,7 @@ def test_target_mass_by_confidence_matches_numpy_buckets(plain_model, tiny_model
     has None; the buckets weighted by size give target_mass back."""
     from qtarget_jax.targets import get_preset
     spec = get_preset("target_sft", eta=0.5)
-    p_y, q_y, t_y = [], [], []
-    for ex, (ref, answer_chars) in zip(_examples(), REFERENCES):
-        ids, mask = _ids(tokenizer, ex.prompt[0]["content"], ref)
-        start = int(np.flatnonzero(mask)[0])
-        logp = _log_softmax(_full_logits(plain_model, ids[:-1]))
-        logt = _log_softmax(_full_logits(tiny_model, ids[:-1]))
-        for i in answer_chars:
-            pos, y = start + i - 1, ids[start + i]
-            pi = np.exp(0.5 * logp[pos] + 0.5 * logt[pos])
-            pi /= pi.sum()
-            p = np.exp(logp[pos, y])
-            p_y.append(p)
-            q_y.append(p + (1 - p) * pi[y])
-            t_y.append(np.exp(logt[pos, y]))
-    p_y, q_y, t_y = map(np.asarray, (p_y, q_y, t_y))
+    p_y, q_y, t_y = _numpy_target_sft(plain_model, tiny_model, tokenizer, 0.5)
     ranked = np.sort(p_y)                    # an edge halfway between two tokens' p_y
     mid = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
     edges = (0.0, mid, 0.999, 1.0)           # the last bucket is empty for this tiny model
