@@ -212,15 +212,17 @@ def answer(rows: list[dict], config: dict, k: int) -> dict:
         accuracy, KL(B0 || model) and memorisation (where measured), differences of means
         (points; KL in nats/token) and `_versus` (for KL and memorisation lower is better:
         'above' means better retention there too).
-    Raises KeyError when the condition lacks B0, SFT, DFT or any Target-SFT run."""
+    Raises KeyError when the condition lacks B0, an SFT or DFT run, or any Target-SFT run."""
     avg = _key("new_avg@", k)
     by = {r["name"]: r for r in rows}
     presets = {m["name"]: m["target"]["preset"] for m in config["methods"]}
     variants = [n for n, p in presets.items() if p == "target_sft" and n in by]
     if not variants:
         raise KeyError("no Target-SFT run in this condition")
-    sft = next(n for n, p in presets.items() if p == "sft")
-    dft = next(n for n, p in presets.items() if p == "dft")
+    sft, dft = (next((n for n, p in presets.items() if p == want and n in by), None)
+                for want in ("sft", "dft"))
+    if sft is None or dft is None:
+        raise KeyError("no SFT or no DFT run in this condition")
     b0 = by["B0"][avg]["mean"]
     out = {"metric": avg, "B0": b0, "a": {}, "b": {}, "c": {}}
     for n in variants:
@@ -267,7 +269,7 @@ def answers(tables: dict, config: dict) -> dict:
     for cond, rows in tables.items():
         try:
             out[cond] = answer(rows, config, config["eval"]["samples"])
-        except (KeyError, StopIteration):
+        except KeyError:
             pass
     return out
 

@@ -398,10 +398,23 @@ def _target_tokens(logits, labels, valid, teacher_logits, spec) -> dict[str, jax
     return {"gamma": per["gamma"], "p_y": per["p_y"], "q_y": q_y, "teacher_p_y": t_y}
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
 def _target_sums(logits, labels, valid, teacher_logits, spec) -> dict[str, jax.Array]:
-    """Sums over valid rows [K] of `_target_tokens`."""
+    """Sums over valid rows [K] of `_target_tokens` (one compiled program, as before the
+    split)."""
     per = _target_tokens(logits, labels, valid, teacher_logits, spec)
     return {name: jnp.where(valid, x, 0.0).sum() for name, x in per.items()}
+
+
+def _batches_of(caller: str, spec: Any, logits: Sequence[jax.Array],
+                teacher_logits: Sequence[jax.Array] | None) -> tuple[Any, Sequence]:
+    """(the TargetSpec of `spec` (a spec or preset name), per batch the teacher logits to pass:
+    `teacher_logits` when the spec needs a teacher, else None each); a teacher-needing spec
+    without teacher_logits is a ValueError naming `caller`."""
+    spec = get_preset(spec) if isinstance(spec, str) else spec
+    if spec.needs_teacher and teacher_logits is None:
+        raise ValueError(f"{caller}: preset {spec.name!r} needs teacher_logits")
+    return spec, (teacher_logits if spec.needs_teacher else [None] * len(logits))
 
 
 def target_mass(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
@@ -418,10 +431,7 @@ def target_mass(batches: AnswerBatches, logits: Sequence[jax.Array], spec: Any,
     Returns:
       {"gamma", "p_y", "q_y", "teacher_p_y" (with a teacher only)} as floats.
     """
-    spec = get_preset(spec) if isinstance(spec, str) else spec
-    if spec.needs_teacher and teacher_logits is None:
-        raise ValueError(f"target_mass: preset {spec.name!r} needs teacher_logits")
-    teachers = teacher_logits if spec.needs_teacher else [None] * len(logits)
+    spec, teachers = _batches_of("target_mass", spec, logits, teacher_logits)
     sums: dict[str, float] = {}
     for lab, valid, z, t in zip(batches.labels, batches.valid, logits, teachers):
         got = _target_sums(z, jnp.asarray(lab), jnp.asarray(valid), t, spec)
@@ -453,15 +463,13 @@ def target_mass_by_confidence(batches: AnswerBatches, logits: Sequence[jax.Array
       ValueError: edges not increasing, or not within [0, 1]; a teacher-needing spec without
         teacher_logits.
     """
-    spec = get_preset(spec) if isinstance(spec, str) else spec
     edges = [float(e) for e in edges]
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 \
             or edges[-1] > 1:
         raise ValueError(f"target_mass_by_confidence: edges must increase within [0, 1], "
                          f"got {edges}")
-    if spec.needs_teacher and teacher_logits is None:
-        raise ValueError(f"target_mass_by_confidence: preset {spec.name!r} needs teacher_logits")
-    teachers = teacher_logits if spec.needs_teacher else [None] * len(logits)
+    spec, teachers = _batches_of("target_mass_by_confidence", spec, logits, teacher_logits)
+    names = ["gamma", "p_y", "q_y"] + (["teacher_p_y"] if spec.needs_teacher else [])
     cols: dict[str, list[np.ndarray]] = {}
     for lab, valid, z, t in zip(batches.labels, batches.valid, logits, teachers):
         got = _target_tokens(z, jnp.asarray(lab), jnp.asarray(valid), t, spec)
@@ -475,7 +483,6 @@ def target_mass_by_confidence(batches: AnswerBatches, logits: Sequence[jax.Array
         inside = which == i
         n = int(inside.sum())
         row: dict[str, Any] = {"lo": lo, "hi": hi, "tokens": n, "share": n / total}
-        names = ["gamma", "p_y", "q_y"] + (["teacher_p_y"] if spec.needs_teacher else [])
         for name in names:
             row[name] = float(per[name][inside].mean()) if n else None
         pull = per["q_y"][inside] - p_y[inside]
