@@ -54,11 +54,13 @@ experiment: venv
 # teaches 4-5-operation problems, the teacher T+ is gated (15 points over B0); 2 conditions
 # (noise 0% and 20%) x 6 methods x 3 seeds after one shared stage 0 (cached in
 # experiments/cache/learn). Re-running resumes the finished runs of the same config. Then the
-# table and curves, and where each target puts its mass by B0's confidence (mass.py).
+# table and curves, where each target puts its mass by B0's confidence (mass.py), and how the
+# old skill's answers go wrong (oldskill.py).
 experiment-learn: venv
 	$(PY) experiments/run.py --config experiments/learn.yaml
 	$(PY) experiments/report.py experiments/runs/learn
 	$(PY) experiments/mass.py --config experiments/learn.yaml
+	$(PY) experiments/oldskill.py experiments/runs/learn
 
 # The "new skill from scratch" quick mode: 9 methods x 3 seeds from SmolLM2 as shipped.
 experiment-quick: venv

@@ -17,6 +17,7 @@ from experiment_helpers import ROOT, load_script, write_tiny_train_job  # noqa: 
 run = load_script("run", "learn")
 report = load_script("report", "learn")
 mass = load_script("mass", "learn")
+oldskill = load_script("oldskill", "learn")
 
 
 def _exp(name: str, *overrides: str):
@@ -237,6 +238,11 @@ def test_learn_end_to_end_two_conditions_share_stage0(tmp_path, tiny_folder):
         assert q_y == pytest.approx(start["new_q_y"], rel=1e-5)
     assert all(b["pull_vs_sft"] in (None, pytest.approx(1.0)) for b in got["buckets"]["sft"])
     assert "| tsft | T+ |" in (out / "mass_by_confidence.md").read_text()
+
+    # oldskill.py on the runner's own old-skill outputs: B0, T and each method per condition.
+    stats = oldskill.by_method(str(out))
+    assert list(stats) == ["B0", "T", "clean_sft", "clean_tsft", "noisy_sft", "noisy_tsft"]
+    assert all(s["n"] == config["data"]["n_test"] for s in stats.values())
 
     # A changed noise is refused at its condition's set B only, in one line.
     with pytest.raises(SystemExit, match=r"data_noisy was made by another config "
