@@ -40,11 +40,13 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def read_rows(path: str) -> list[dict]:
-    """One eval file's rows; a malformed line or a row without gold/output/correct is an error
-    naming the file and line."""
+    """One eval file's rows (blank lines skipped, as run.py's reader does); a malformed line or
+    a row without gold/output/correct is an error naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
                 rows.append({k: row[k] for k in ("gold", "output", "correct")})

@@ -55,9 +55,11 @@ def test_counts_against_hand_counts_with_seeds_pooled(tmp_path):
 
 def test_bad_rows_name_the_file_and_line(tmp_path):
     path = tmp_path / "eval_noise0_dft_0_old.jsonl"
-    path.write_text(json.dumps({"gold": "1", "output": "1 = 1", "correct": True}) + "\n"
+    path.write_text(json.dumps({"gold": "1", "output": "1 = 1", "correct": True}) + "\n\n"
                     + json.dumps({"gold": "1", "correct": True}) + "\n")
-    with pytest.raises(ValueError, match=r"eval_noise0_dft_0_old\.jsonl:2: .*'output'"):
+    with pytest.raises(ValueError, match=r"eval_noise0_dft_0_old\.jsonl:3: .*'output'"):
         oldskill.by_method(str(tmp_path))
+    path.write_text(json.dumps({"gold": "1", "output": "1 = 1", "correct": True}) + "\n\n")
+    assert oldskill.by_method(str(tmp_path))["noise0_dft"]["n"] == 1   # the blank line skipped
     with pytest.raises(FileNotFoundError, match="no eval_"):
         oldskill.by_method(str(tmp_path / "missing"))
